@@ -1,0 +1,142 @@
+"""The composition root: builds the real dependencies from settings, once, on demand.
+
+Nothing here connects at import time. `App` is created by each process entry point
+(worker, web, scheduler, CLI) and handed to the stage functions.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from pipeline.crypto import BlindIndex, Keys, load_keys
+from pipeline.db import make_engine, make_session_factory
+from pipeline.outbox import Envelope
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    import dramatiq
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from connectors.base import Connector
+    from pipeline.mail import Mailer
+
+log = structlog.get_logger()
+
+
+class DramatiqBus:
+    """Publishes envelopes as dramatiq messages, addressed by actor name."""
+
+    def __init__(self, broker: dramatiq.Broker):
+        self.broker = broker
+
+    def publish(self, envelope: Envelope) -> None:
+        import dramatiq
+
+        message = dramatiq.Message(
+            queue_name=envelope.queue, actor_name=envelope.actor, args=envelope.args,
+            kwargs={}, options={}, message_id=envelope.id,
+        )
+        self.broker.enqueue(message, delay=envelope.delay_ms)
+
+
+def make_broker(settings: Settings) -> dramatiq.Broker:
+    """The broker for the configured URL: Redis by default, RabbitMQ by an amqp:// URL."""
+    from dramatiq.middleware import (
+        AgeLimit,
+        Callbacks,
+        CurrentMessage,
+        Retries,
+        ShutdownNotifications,
+        TimeLimit,
+    )
+
+    middleware = [
+        AgeLimit(), TimeLimit(time_limit=15 * 60 * 1000), ShutdownNotifications(), Callbacks(),
+        CurrentMessage(),
+        Retries(max_retries=settings.store_max_attempts + 20, min_backoff=settings.retry_base_ms,
+                max_backoff=settings.retry_max_ms),
+    ]
+    if settings.broker_url.startswith(("amqp://", "amqps://")):
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        return RabbitmqBroker(url=settings.broker_url, middleware=middleware)
+    from dramatiq.brokers.redis import RedisBroker
+
+    return RedisBroker(url=settings.broker_url, namespace=settings.queue_namespace,
+                       middleware=middleware)
+
+
+@dataclass
+class App:
+    """Every dependency a stage needs, built lazily from one `Settings`."""
+
+    settings: Settings
+    broker_override: Any = None
+    connectors_override: dict[str, Connector] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_env(cls) -> App:
+        return cls(Settings.from_env())
+
+    @cached_property
+    def keys(self) -> Keys:
+        return load_keys(keys_file=self.settings.keys_file, keys_env=self.settings.keys_env,
+                         data_dir=self.settings.data_dir, production=self.settings.production)
+
+    @cached_property
+    def blind(self) -> BlindIndex:
+        return self.keys.blind_index()
+
+    @cached_property
+    def engine(self) -> Engine:
+        url = self.settings.state_url
+        if url.startswith("sqlite"):
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return make_engine(url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_session_factory(self.engine)
+
+    @cached_property
+    def broker(self) -> dramatiq.Broker:
+        return self.broker_override or make_broker(self.settings)
+
+    @cached_property
+    def bus(self) -> DramatiqBus:
+        return DramatiqBus(self.broker)
+
+    @cached_property
+    def connectors(self) -> dict[str, Connector]:
+        if self.connectors_override is not None:
+            return self.connectors_override
+        from connectors.registry import load_connectors
+
+        return load_connectors(self.settings.stores_config, self.settings.data_dir)
+
+    @cached_property
+    def mailer(self) -> Mailer:
+        from pipeline.mail import Mailer
+
+        return Mailer(self.settings)
+
+    @property
+    def exports_dir(self) -> Path:
+        path = self.settings.exports_dir
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+        if "connectors" in self.__dict__ and self.connectors_override is None:
+            for connector in self.connectors.values():
+                connector.close()

@@ -1,0 +1,32 @@
+"""Which stage function handles which message: the table an in-process bus dispatches by.
+
+The dramatiq actors in `workers/` call the same functions; this table lets the domain be
+driven without a broker (unit tests, a single-process run) with identical semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pipeline import actions, intake, locate, notify, topology, verification
+
+if TYPE_CHECKING:
+    from pipeline.bootstrap import App
+
+HANDLERS: dict[str, Callable[..., Any]] = {
+    topology.INTAKE_ACTOR: intake.accept,
+    topology.VERIFY_ACTOR: verification.start,
+    topology.LOCATE_ACTOR: locate.locate_request,
+    topology.LOCATE_STORE_ACTOR: locate.locate_store,
+    topology.ACT_ACTOR: actions.act_on_request,
+    topology.ACT_STORE_ACTOR: actions.act_on_store,
+    topology.RECHECK_STORE_ACTOR: actions.recheck_store,
+    topology.FINISH_ACTOR: actions.finish_request,
+    topology.NOTIFY_ACTOR: notify.notify_outcome,
+    topology.SEND_EMAIL_ACTOR: notify.send_email,
+}
+
+
+def handle(app: App, actor: str, *args: Any) -> Any:
+    return HANDLERS[actor](app, *args)

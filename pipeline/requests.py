@@ -1,0 +1,106 @@
+"""Loading, moving and reading requests: the rules every stage shares."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from connectors.base import Identity
+from pipeline import audit
+from pipeline.db import NotificationRow, RequestRow, TransitionRow, utcnow
+from pipeline.errors import UnknownRequest
+from pipeline.states import State, check_transition
+
+if TYPE_CHECKING:
+    from pipeline.bootstrap import App
+
+log = structlog.get_logger()
+
+
+def load(session: Session, request_id: str, *, lock: bool = True) -> RequestRow:
+    """The request row, locked against concurrent stage commits on PostgreSQL."""
+    query = select(RequestRow).where(RequestRow.id == request_id)
+    if lock and session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = session.execute(query).scalar_one_or_none()
+    if row is None:
+        raise UnknownRequest(f"no request with id {request_id!r}")
+    return row
+
+
+def advance(session: Session, request: RequestRow, new: State, *, reason: str | None = None,
+            actor: str = "system") -> None:
+    """Move a request along the transition table, with a transition row and an audit entry."""
+    current = State(request.state)
+    check_transition(current, new)
+    now = utcnow()
+    request.state = new.value
+    request.state_reason = reason
+    request.updated_at = now
+    if new in (State.DONE, State.EXPIRED, State.CANCELLED):
+        request.completed_at = now
+    session.add(TransitionRow(request_id=request.id, from_state=current.value, to_state=new.value,
+                              reason=reason, at=now))
+    audit.record(session, "request_state_changed", request_id=request.id, actor=actor,
+                 from_state=current.value, to_state=new.value, reason=reason)
+    log.info("request_state_changed", request_id=request.id, from_state=current.value,
+             to_state=new.value)
+
+
+def touch(request: RequestRow) -> None:
+    request.updated_at = utcnow()
+
+
+def subject_of(app: App, request: RequestRow) -> dict[str, Any]:
+    assert request.subject_enc is not None, "request PII was purged"
+    value = app.keys.ring.decrypt_json(request.subject_enc, context=request.id.encode())
+    assert isinstance(value, dict)
+    return value
+
+
+def payload_of(app: App, request: RequestRow) -> dict[str, Any]:
+    if request.payload_enc is None:
+        return {}
+    value = app.keys.ring.decrypt_json(request.payload_enc, context=request.id.encode())
+    assert isinstance(value, dict)
+    return value
+
+
+def identity_of(app: App, request: RequestRow,
+                discovered: Mapping[str, str] | None = None) -> Identity:
+    s = subject_of(app, request)
+    ids = dict(discovered or {})
+    ids.update(s.get("product_ids") or {})  # what the person told us wins
+    return Identity(email=s["email"], name=s.get("name"), phone=s.get("phone"), product_ids=ids)
+
+
+def queue_notification(app: App, session: Session, request: RequestRow, event: str,
+                       template: str, context: Mapping[str, Any]) -> str | None:
+    """Add an email to the notification outbox, once per (request, event)."""
+    existing = session.execute(
+        select(NotificationRow.id).where(NotificationRow.request_id == request.id,
+                                         NotificationRow.event == event)
+    ).scalar()
+    if existing is not None:
+        return None
+    email = subject_of(app, request)["email"]
+    note_id = str(uuid.uuid4())
+    ring = app.keys.ring
+    session.add(NotificationRow(
+        id=note_id, request_id=request.id, event=event, template=template,
+        recipient_enc=ring.encrypt(email.encode(), context=note_id.encode()),
+        context_enc=ring.encrypt_json(dict(context), context=note_id.encode()),
+        message_id=f"<{note_id}@privacy.allego.example>",
+    ))
+    session.flush()
+    return note_id
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")

@@ -1,0 +1,104 @@
+"""Settings, read once from the environment by the composition root.
+
+Every value has an embedded default that runs the demo on one machine: SQLite under a
+local data folder, Redis on loopback, a local mail sink. Production sets PRIVACY_ENV to
+`production`, which refuses demo keys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "demo"
+    data_dir: Path = Path(".data")
+    database_url: str = ""
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queue_namespace: str = "allego-privacy"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 8025
+    smtp_timeout: int = 10
+    mail_from: str = "Allego Privacy <privacy@allego.example>"
+    base_url: str = "http://127.0.0.1:8000"
+    web_host: str = "127.0.0.1"
+    web_port: int = 8000
+    keys_file: Path | None = None
+    keys_env: Mapping[str, str] = field(default_factory=dict)
+    stores_config: Path | None = None
+    verify_ttl_seconds: int = 72 * 3600
+    verify_max_attempts: int = 5
+    download_ttl_seconds: int = 7 * 24 * 3600
+    store_max_attempts: int = 6
+    retry_base_ms: int = 1000
+    retry_max_ms: int = 5 * 60 * 1000
+    stall_seconds: int = 300
+    scheduler_interval_seconds: int = 5
+    log_format: str = "console"
+    max_document_bytes: int = 64 * 1024
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def state_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'state.db').resolve()}"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("PRIVACY_DATA_DIR", ".data"))
+        keys_file = env.get("PRIVACY_KEYS_FILE")
+        stores = env.get("PRIVACY_STORES_CONFIG")
+        return cls(
+            env=env.get("PRIVACY_ENV", "demo"),
+            data_dir=data_dir,
+            database_url=env.get("PRIVACY_DATABASE_URL", ""),
+            broker_url=env.get("PRIVACY_BROKER_URL", cls.broker_url),
+            queue_namespace=env.get("PRIVACY_QUEUE_NAMESPACE", cls.queue_namespace),
+            smtp_host=env.get("PRIVACY_SMTP_HOST", cls.smtp_host),
+            smtp_port=_int(env, "PRIVACY_SMTP_PORT", cls.smtp_port),
+            smtp_timeout=_int(env, "PRIVACY_SMTP_TIMEOUT", cls.smtp_timeout),
+            mail_from=env.get("PRIVACY_MAIL_FROM", cls.mail_from),
+            base_url=env.get("PRIVACY_BASE_URL", cls.base_url).rstrip("/"),
+            web_host=env.get("PRIVACY_WEB_HOST", cls.web_host),
+            web_port=_int(env, "PRIVACY_WEB_PORT", cls.web_port),
+            keys_file=Path(keys_file) if keys_file else None,
+            keys_env={k: v for k, v in env.items() if k.startswith("PRIVACY_KEY")},
+            stores_config=Path(stores) if stores else None,
+            verify_ttl_seconds=_int(env, "PRIVACY_VERIFY_TTL", cls.verify_ttl_seconds),
+            verify_max_attempts=_int(env, "PRIVACY_VERIFY_MAX_ATTEMPTS", cls.verify_max_attempts),
+            download_ttl_seconds=_int(env, "PRIVACY_DOWNLOAD_TTL", cls.download_ttl_seconds),
+            store_max_attempts=_int(env, "PRIVACY_STORE_MAX_ATTEMPTS", cls.store_max_attempts),
+            retry_base_ms=_int(env, "PRIVACY_RETRY_BASE_MS", cls.retry_base_ms),
+            retry_max_ms=_int(env, "PRIVACY_RETRY_MAX_MS", cls.retry_max_ms),
+            stall_seconds=_int(env, "PRIVACY_STALL_SECONDS", cls.stall_seconds),
+            scheduler_interval_seconds=_int(
+                env, "PRIVACY_SCHEDULER_INTERVAL", cls.scheduler_interval_seconds
+            ),
+            log_format=env.get("PRIVACY_LOG_FORMAT", "json" if env.get("PRIVACY_ENV") == "production" else "console"),
+            max_document_bytes=_int(env, "PRIVACY_MAX_DOCUMENT_BYTES", cls.max_document_bytes),
+        )

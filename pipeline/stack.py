@@ -1,0 +1,87 @@
+"""Start the pipeline's processes on this machine: for the demo and end-to-end tests.
+
+Real processes, as the Procfile runs them: dramatiq workers, the web process and the
+scheduler, each with its output in a log file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+
+@dataclass
+class LocalStack:
+    env: dict[str, str]
+    log_dir: Path
+    processes: int = 1
+    threads: int = 4
+    web: bool = True
+    scheduler: bool = True
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def _spawn(self, name: str, *args: str) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = (self.log_dir / f"{name}.log").open("ab")
+        self._logs.append(out)
+        env = {**os.environ, **self.env}
+        self.children[name] = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> LocalStack:
+        self._spawn("worker", "worker", "--processes", str(self.processes),
+                    "--threads", str(self.threads))
+        if self.scheduler:
+            self._spawn("scheduler", "scheduler")
+        if self.web:
+            self._spawn("web", "web")
+            self.wait_for_web()
+        return self
+
+    def wait_for_web(self, timeout: float = 30) -> None:
+        base = self.env.get("PRIVACY_BASE_URL", "http://127.0.0.1:8000")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the web process did not answer at {base} within {timeout:.0f} s")
+
+    def check_alive(self) -> None:
+        for name, child in self.children.items():
+            if child.poll() is not None:
+                log = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the {name} process exited with {child.returncode}:\n{log}")
+
+    def stop(self, timeout: float = 20) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children.values():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        for out in self._logs:
+            out.close()
+        self.children.clear()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

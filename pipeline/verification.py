@@ -1,0 +1,169 @@
+"""Identity verification (R7-R10): prove control of the email address before disclosing
+or deleting anything.
+
+The link mailed to the person carries a random token signed for this purpose; the
+database keeps only its hash, with expiry and single use. Opening the link shows a page;
+only the POST from that page confirms, so mail scanners that follow links confirm
+nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import structlog
+from sqlalchemy import select
+
+from pipeline import audit, topology
+from pipeline.crypto import BadSignature, Expired
+from pipeline.db import RequestRow, VerificationRow, utcnow
+from pipeline.errors import PermanentError
+from pipeline.requests import advance, iso, load, queue_notification
+from pipeline.states import RequestType, State, needs_locate, needs_verification
+from pipeline.uow import UnitOfWork
+
+if TYPE_CHECKING:
+    from pipeline.bootstrap import App
+
+log = structlog.get_logger()
+_PURPOSE = "verify-email"
+
+
+class LinkRefused(PermanentError):
+    """A verification link that cannot confirm: `kind` picks the page the person sees."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind  # invalid | expired | used
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def send_on(uow: UnitOfWork, request: RequestRow) -> None:
+    """Ask for the stage that follows verification."""
+    if needs_locate(RequestType(request.type)):
+        uow.send(f"{request.id}:locate", topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, request.id)
+    else:
+        uow.send(f"{request.id}:act", topology.ACT_ACTOR, topology.ACT_QUEUE, request.id)
+
+
+def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
+    """The verify stage: skip it where the law or a signed assertion allows, else mail a link."""
+    now = now or utcnow()
+    with UnitOfWork(app) as uow:
+        request = load(uow.session, request_id)
+        if request.state != State.RECEIVED.value:
+            return  # already past this stage: a redelivery
+        kind = RequestType(request.type)
+        if not needs_verification(kind) or request.verified_by:
+            request.verified_by = request.verified_by or "not_required"
+            request.verified_at = request.verified_at or now
+            advance(uow.session, request, State.VERIFIED,
+                    reason="verified by signed assertion" if request.verified_by.startswith(
+                        "assertion:") else "no verification needed for this request type")
+            send_on(uow, request)
+            return
+        token = secrets.token_urlsafe(32)
+        signed = app.keys.signer(_PURPOSE).sign(f"{request.id}:{token}",
+                                                ttl_seconds=app.settings.verify_ttl_seconds,
+                                                now=now.timestamp())
+        expires = now + timedelta(seconds=app.settings.verify_ttl_seconds)
+        uow.session.add(VerificationRow(id=str(uuid.uuid4()), request_id=request.id,
+                                        token_hash=_token_hash(signed), expires_at=expires,
+                                        created_at=now))
+        note = queue_notification(app, uow.session, request, "verification", "verification", {
+            "request_id": request.id, "type": request.type,
+            "link": f"{app.settings.base_url}/verify/{signed}", "expires_at": iso(expires),
+        })
+        advance(uow.session, request, State.AWAITING_VERIFICATION,
+                reason="confirmation link mailed to the address on the request")
+        if note:
+            uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
+
+
+def inspect(app: App, token: str, *, now: datetime | None = None) -> str:
+    """Check a link without using it (the GET page); returns the request id."""
+    now = now or utcnow()
+    request_id = _unsign(app, token, now)
+    with UnitOfWork(app) as uow:  # reads only: a GET (or a mail scanner) changes nothing
+        _check_usable(_row(uow, token), request_id, now)
+    return request_id
+
+
+def confirm(app: App, token: str, *, now: datetime | None = None) -> str:
+    """The person pressed the button: mark the link used and move the request on."""
+    now = now or utcnow()
+    request_id = _unsign(app, token, now)
+    with UnitOfWork(app) as uow:
+        row = _row(uow, token)
+        request = load(uow.session, request_id)
+        _check_usable(row, request_id, now)
+        if request.state != State.AWAITING_VERIFICATION.value:
+            raise LinkRefused("used", "this request no longer waits for confirmation")
+        row.used_at = now
+        request.verified_by = "email_link"
+        request.verified_at = now
+        audit.record(uow.session, "identity_verified", request_id=request_id, method="email_link")
+        advance(uow.session, request, State.VERIFIED, reason="the person confirmed by email link")
+        send_on(uow, request)
+    log.info("identity_verified", request_id=request_id, method="email_link")
+    return request_id
+
+
+def _unsign(app: App, token: str, now: datetime) -> str:
+    try:
+        payload = app.keys.signer(_PURPOSE).unsign(token, now=now.timestamp())
+    except Expired as exc:
+        raise LinkRefused("expired", "this link has expired") from exc
+    except BadSignature as exc:
+        raise LinkRefused("invalid", "this link is not valid") from exc
+    return payload.split(":", 1)[0]
+
+
+def _row(uow: UnitOfWork, token: str) -> VerificationRow:
+    row = uow.session.execute(
+        select(VerificationRow).where(VerificationRow.token_hash == _token_hash(token))
+    ).scalar_one_or_none()
+    if row is None:
+        raise LinkRefused("invalid", "this link is not valid")
+    return row
+
+
+def _check_usable(row: VerificationRow, request_id: str, now: datetime) -> None:
+    if row.request_id != request_id:
+        raise LinkRefused("invalid", "this link is not valid")
+    if row.used_at is not None:
+        raise LinkRefused("used", "this link was already used")
+    if row.expires_at <= now:
+        raise LinkRefused("expired", "this link has expired")
+
+
+def expire_due(app: App, *, now: datetime | None = None, limit: int = 200) -> int:
+    """Close requests whose link expired unconfirmed, and tell the person (R9)."""
+    now = now or utcnow()
+    with UnitOfWork(app) as uow:
+        ids = uow.session.execute(
+            select(RequestRow.id).join(VerificationRow, VerificationRow.request_id == RequestRow.id)
+            .where(RequestRow.state == State.AWAITING_VERIFICATION.value,
+                   VerificationRow.used_at.is_(None), VerificationRow.expires_at <= now)
+            .limit(limit)
+        ).scalars().all()
+    for request_id in ids:
+        with UnitOfWork(app) as uow:
+            request = load(uow.session, request_id)
+            if request.state != State.AWAITING_VERIFICATION.value:
+                continue
+            advance(uow.session, request, State.EXPIRED,
+                    reason="the person did not confirm the request in time")
+            note = queue_notification(app, uow.session, request, "verification_expired",
+                                      "verification_expired",
+                                      {"request_id": request.id, "type": request.type})
+            if note:
+                uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
+    return len(ids)

@@ -1,0 +1,1 @@
+"""dramatiq actors: thin adapters from messages to `pipeline` stage functions."""

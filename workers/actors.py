@@ -1,0 +1,135 @@
+"""The actors, one per stage and per store task. Each decodes ids, calls the stage and
+translates the pipeline's retry signal into dramatiq's.
+
+`dramatiq workers.actors` (or `privacy worker`) imports this module: it builds the
+broker from the environment (a lazy Redis client: nothing connects at import) and
+declares the actors on it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import dramatiq
+import structlog
+
+from pipeline import actions, intake, locate, notify, topology, verification
+from pipeline.bootstrap import App, make_broker
+from pipeline.errors import PermanentError
+from pipeline.logs import configure_logging
+from pipeline.notify import MailRetry
+from pipeline.settings import Settings
+from pipeline.tasks import StoreRetry
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = structlog.get_logger()
+
+_app: App | None = None
+
+
+def app() -> App:
+    """The process's dependencies, built on first use (after fork, per worker process)."""
+    global _app
+    if _app is None:
+        _app = App(Settings.from_env(), broker_override=_broker)
+        configure_logging(_app.settings)
+    return _app
+
+
+def install(new_app: App) -> None:
+    """Use a prepared App (tests, the demo) instead of one read from the environment."""
+    global _app
+    _app = new_app
+
+
+def _retrying(fn: F) -> F:
+    """Turn the pipeline's own retry signals into dramatiq retries with its delay."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (StoreRetry, MailRetry) as exc:
+            raise dramatiq.Retry(str(exc), delay=exc.delay_ms) from exc
+        except PermanentError as exc:
+            log.error("message_dropped", actor=fn.__name__, error=type(exc).__name__,
+                      reason=str(exc)[:300])
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+_broker = make_broker(Settings.from_env())
+dramatiq.set_broker(_broker)
+_permanent = {"throws": (PermanentError,)}
+
+
+@dramatiq.actor(actor_name=topology.INTAKE_ACTOR, queue_name=topology.INTAKE_QUEUE, max_retries=20)
+def intake_actor(document: Any) -> None:
+    # The document holds personal data: dramatiq logs a failing message with its
+    # arguments, so failures leave here as a Retry that names only the error type.
+    try:
+        intake.accept(app(), document)
+    except Exception as exc:
+        log.warning("intake_deferred", error=type(exc).__name__)
+        raise dramatiq.Retry(f"intake failed: {type(exc).__name__}", delay=2000) from None
+
+
+@dramatiq.actor(actor_name=topology.VERIFY_ACTOR, queue_name=topology.VERIFY_QUEUE, **_permanent)
+@_retrying
+def verify_request(request_id: str) -> None:
+    verification.start(app(), request_id)
+
+
+@dramatiq.actor(actor_name=topology.LOCATE_ACTOR, queue_name=topology.LOCATE_QUEUE, **_permanent)
+@_retrying
+def locate_request(request_id: str) -> None:
+    locate.locate_request(app(), request_id)
+
+
+@dramatiq.actor(actor_name=topology.LOCATE_STORE_ACTOR, queue_name=topology.STORE_QUEUE,
+                **_permanent)
+@_retrying
+def locate_store(request_id: str, store: str) -> None:
+    locate.locate_store(app(), request_id, store)
+
+
+@dramatiq.actor(actor_name=topology.ACT_ACTOR, queue_name=topology.ACT_QUEUE, **_permanent)
+@_retrying
+def act_on_request(request_id: str) -> None:
+    actions.act_on_request(app(), request_id)
+
+
+@dramatiq.actor(actor_name=topology.ACT_STORE_ACTOR, queue_name=topology.STORE_QUEUE,
+                **_permanent)
+@_retrying
+def act_on_store(request_id: str, store: str) -> None:
+    actions.act_on_store(app(), request_id, store)
+
+
+@dramatiq.actor(actor_name=topology.RECHECK_STORE_ACTOR, queue_name=topology.STORE_QUEUE,
+                **_permanent)
+@_retrying
+def recheck_store(request_id: str, store: str) -> None:
+    actions.recheck_store(app(), request_id, store)
+
+
+@dramatiq.actor(actor_name=topology.FINISH_ACTOR, queue_name=topology.ACT_QUEUE, **_permanent)
+@_retrying
+def finish_request(request_id: str) -> None:
+    actions.finish_request(app(), request_id)
+
+
+@dramatiq.actor(actor_name=topology.NOTIFY_ACTOR, queue_name=topology.NOTIFY_QUEUE, **_permanent)
+@_retrying
+def notify_outcome(request_id: str) -> None:
+    notify.notify_outcome(app(), request_id)
+
+
+@dramatiq.actor(actor_name=topology.SEND_EMAIL_ACTOR, queue_name=topology.NOTIFY_QUEUE,
+                **_permanent)
+@_retrying
+def send_email(notification_id: str) -> None:
+    notify.send_email(app(), notification_id)
