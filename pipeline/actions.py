@@ -61,28 +61,45 @@ def act_on_request(app: App, request_id: str) -> None:
             _to_notify(uow, request, "a case was opened for the privacy team")
             return
         if kind is RequestType.OPT_OUT and suppress(uow.session, request.subject_hash, "opt_out"):
-            audit.record(uow.session, "contact_suppressed", request_id=request_id,
-                         subject_hash=request.subject_hash, reason="opt_out")
+            audit.record(
+                uow.session,
+                "contact_suppressed",
+                request_id=request_id,
+                subject_hash=request.subject_hash,
+                reason="opt_out",
+            )
         capability = CAPABILITY[kind]
-        holding = {t.store: t.result or {} for t in tasks_of(uow, request_id, "locate")
-                   if (t.result or {}).get("records", 0) > 0}
+        holding = {
+            t.store: t.result or {}
+            for t in tasks_of(uow, request_id, "locate")
+            if (t.result or {}).get("records", 0) > 0
+        }
         chosen: list[str] = []
         for store, found in sorted(holding.items()):
             connector = app.connectors.get(store)
             if connector is not None and capability in connector.capabilities:
                 chosen.append(store)
             elif kind in MUST_COVER:
-                advance(uow.session, request, State.NEEDS_ATTENTION,
-                        reason=f"store {store!r} holds {found['records']} record(s) of the "
-                               f"person but cannot {capability.value} them")
+                advance(
+                    uow.session,
+                    request,
+                    State.NEEDS_ATTENTION,
+                    reason=f"store {store!r} holds {found['records']} record(s) of the "
+                    f"person but cannot {capability.value} them",
+                )
                 return
         if not chosen:
             uow.send(f"{request_id}:finish", topology.FINISH_ACTOR, topology.ACT_QUEUE, request_id)
             return
         for store in chosen:
             ensure_task(uow, request_id, store, "act")
-            uow.send(f"{request_id}:act:{store}", topology.ACT_STORE_ACTOR, topology.STORE_QUEUE,
-                     request_id, store)
+            uow.send(
+                f"{request_id}:act:{store}",
+                topology.ACT_STORE_ACTOR,
+                topology.STORE_QUEUE,
+                request_id,
+                store,
+            )
 
 
 def _open_case(app: App, uow: UnitOfWork, request: RequestRow) -> None:
@@ -91,11 +108,18 @@ def _open_case(app: App, uow: UnitOfWork, request: RequestRow) -> None:
     message = payload_of(app, request).get("concern", "")
     case_id = str(uuid.uuid4())
     due = min(request.due_at, request.received_at + policy.CONCERN_RESPONSE)
-    uow.session.add(CaseRow(id=case_id, request_id=request.id, status="open", due_at=due,
-                            message_enc=app.keys.ring.encrypt(message.encode(),
-                                                              context=case_id.encode())))
-    audit.record(uow.session, "case_opened", request_id=request.id, case_id=case_id,
-                 due_at=due.isoformat())
+    uow.session.add(
+        CaseRow(
+            id=case_id,
+            request_id=request.id,
+            status="open",
+            due_at=due,
+            message_enc=app.keys.ring.encrypt(message.encode(), context=case_id.encode()),
+        )
+    )
+    audit.record(
+        uow.session, "case_opened", request_id=request.id, case_id=case_id, due_at=due.isoformat()
+    )
 
 
 def _act(app: App) -> Any:
@@ -112,21 +136,46 @@ def _act(app: App) -> Any:
             except InvalidCorrection as exc:  # told to the person (R20), not retried
                 return TaskOutcome(result={"applied": [], "refused": str(exc)[:300]})
             blind = app.blind
-            events = tuple(("record_corrected", {
-                "collection": c.collection, "field": c.field,
-                "before_hash": blind.of("value", c.before or ""),
-                "after_hash": blind.of("value", c.after)}) for c in done.applied)
-            return TaskOutcome(result={"applied": sorted({c.field for c in done.applied}),
-                                       "changes": len(done.applied),
-                                       "not_held": list(done.not_held)}, events=events)
+            events = tuple(
+                (
+                    "record_corrected",
+                    {
+                        "collection": c.collection,
+                        "field": c.field,
+                        "before_hash": blind.of("value", c.before or ""),
+                        "after_hash": blind.of("value", c.after),
+                    },
+                )
+                for c in done.applied
+            )
+            return TaskOutcome(
+                result={
+                    "applied": sorted({c.field for c in done.applied}),
+                    "changes": len(done.applied),
+                    "not_held": list(done.not_held),
+                },
+                events=events,
+            )
         if kind is RequestType.ERASE:
             erased = connector.erase(identity)
-            retained = [{"collection": r.collection, "count": r.count,
-                         "legal_basis": r.legal_basis, "period": r.period}
-                        for r in erased.retained]
+            retained: list[dict[str, Any]] = [
+                {
+                    "collection": r.collection,
+                    "count": r.count,
+                    "legal_basis": r.legal_basis,
+                    "period": r.period,
+                }
+                for r in erased.retained
+            ]
             events = tuple(("records_retained", r) for r in retained)
-            return TaskOutcome(result={"deleted": erased.deleted, "anonymized": erased.anonymized,
-                                       "retained": retained}, events=events)
+            return TaskOutcome(
+                result={
+                    "deleted": erased.deleted,
+                    "anonymized": erased.anonymized,
+                    "retained": retained,
+                },
+                events=events,
+            )
         opted = connector.opt_out(identity)
         return TaskOutcome(result={"updated": opted.updated})
 
@@ -145,15 +194,16 @@ def _recheck(connector: Connector, identity: Identity, request: RequestRow) -> T
     found = connector.locate(identity)
     remaining = len(found.erasable)
     if remaining:
-        return TaskOutcome({"remaining": remaining},
-                           failed_for_good=f"erasure left {remaining} record(s) that should be "
-                                           f"gone; searching again still finds them")
+        return TaskOutcome(
+            {"remaining": remaining},
+            failed_for_good=f"erasure left {remaining} record(s) that should be "
+            f"gone; searching again still finds them",
+        )
     return TaskOutcome({"remaining": 0, "retained": len(found.retained)})
 
 
 def _all_rechecked(uow: UnitOfWork, request: RequestRow) -> None:
-    uow.send(f"{request.id}:finish:verified", topology.FINISH_ACTOR, topology.ACT_QUEUE,
-             request.id)
+    uow.send(f"{request.id}:finish:verified", topology.FINISH_ACTOR, topology.ACT_QUEUE, request.id)
 
 
 def recheck_store(app: App, request_id: str, store: str) -> None:
@@ -184,12 +234,24 @@ def finish_request(app: App, request_id: str) -> None:
                 return
             if uow.session.query(ExportRow).filter_by(request_id=request_id).first() is None:
                 now = utcnow()
-                uow.session.add(ExportRow(
-                    id=str(uuid.uuid4()), request_id=request_id, path=str(built.path),
-                    size=built.size, sha256=built.sha256, created_at=now,
-                    expires_at=now + timedelta(seconds=app.settings.download_ttl_seconds)))
-                audit.record(uow.session, "export_created", request_id=request_id,
-                             size=built.size, stores=len(parts))
+                uow.session.add(
+                    ExportRow(
+                        id=str(uuid.uuid4()),
+                        request_id=request_id,
+                        path=str(built.path),
+                        size=built.size,
+                        sha256=built.sha256,
+                        created_at=now,
+                        expires_at=now + timedelta(seconds=app.settings.download_ttl_seconds),
+                    )
+                )
+                audit.record(
+                    uow.session,
+                    "export_created",
+                    request_id=request_id,
+                    size=built.size,
+                    stores=len(parts),
+                )
             _to_notify(uow, request, "the export archive is ready")
         return
     with UnitOfWork(app) as uow:
@@ -204,12 +266,22 @@ def _finish_erasure(app: App, uow: UnitOfWork, request: RequestRow) -> None:
     if erased and not rechecks:
         for store in erased:
             ensure_task(uow, request.id, store, "recheck")
-            uow.send(f"{request.id}:recheck:{store}", topology.RECHECK_STORE_ACTOR,
-                     topology.STORE_QUEUE, request.id, store)
+            uow.send(
+                f"{request.id}:recheck:{store}",
+                topology.RECHECK_STORE_ACTOR,
+                topology.STORE_QUEUE,
+                request.id,
+                store,
+            )
         return
     if any(t.status != "done" for t in rechecks):
         return
     if suppress(uow.session, request.subject_hash, "erasure"):
-        audit.record(uow.session, "contact_suppressed", request_id=request.id,
-                     subject_hash=request.subject_hash, reason="erasure")
+        audit.record(
+            uow.session,
+            "contact_suppressed",
+            request_id=request.id,
+            subject_hash=request.subject_hash,
+            reason="erasure",
+        )
     _to_notify(uow, request, "erasure done and verified by searching every store again")

@@ -78,8 +78,9 @@ class BuiltArchive:
 
 
 def _env() -> Environment:
-    return Environment(loader=PackageLoader("pipeline", "templates"),
-                       autoescape=select_autoescape(["html"]))
+    return Environment(
+        loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"])
+    )
 
 
 def _safe_name(name: str) -> str:
@@ -87,8 +88,9 @@ def _safe_name(name: str) -> str:
     return "/".join(parts) or "file"
 
 
-def assemble(app: App, request_id: str, stores: list[str],
-             metadata: Mapping[str, StoreMetadata]) -> BuiltArchive:
+def assemble(
+    app: App, request_id: str, stores: list[str], metadata: Mapping[str, StoreMetadata]
+) -> BuiltArchive:
     ring = app.keys.ring
     root = app.exports_dir / request_id
     final = root / "archive.zip.enc"
@@ -102,39 +104,78 @@ def assemble(app: App, request_id: str, stores: list[str],
         writer = ring.writer(dest)
         with zipfile.ZipFile(writer, "w", compression=zipfile.ZIP_DEFLATED) as zf:  # type: ignore[arg-type]
             for store in sorted(stores):
-                part = json.loads(b"".join(_decrypt(app, _part_dir(app, request_id, store)
-                                                    / "records.json.enc")))
+                part = json.loads(
+                    b"".join(_decrypt(app, _part_dir(app, request_id, store) / "records.json.enc"))
+                )
                 meta = metadata.get(store)
-                store_facts = ({k: asdict(v) for k, v in meta.facts.items()} if meta else {})
-                facts[store] = {"title": meta.title if meta else store,
-                                "description": meta.description if meta else "",
-                                "data": store_facts}
-                zf.writestr(f"{store}/records.json", json.dumps(
-                    {"store": store, "title": facts[store]["title"], "collections": part["records"]},
-                    indent=2, ensure_ascii=False, default=str))
+                store_facts = {k: asdict(v) for k, v in meta.facts.items()} if meta else {}
+                facts[store] = {
+                    "title": meta.title if meta else store,
+                    "description": meta.description if meta else "",
+                    "data": store_facts,
+                }
+                zf.writestr(
+                    f"{store}/records.json",
+                    json.dumps(
+                        {
+                            "store": store,
+                            "title": facts[store]["title"],
+                            "collections": part["records"],
+                        },
+                        indent=2,
+                        ensure_ascii=False,
+                        default=str,
+                    ),
+                )
                 for entry in part["files"]:
                     src = _part_dir(app, request_id, store) / "files" / entry["part"]
-                    with zf.open(f"{store}/files/{_safe_name(entry['name'])}", "w",
-                                 force_zip64=True) as out:
+                    with zf.open(
+                        f"{store}/files/{_safe_name(entry['name'])}", "w", force_zip64=True
+                    ) as out:
                         for chunk in _decrypt(app, src):
                             out.write(chunk)
-                summary.append({"store": store, "title": facts[store]["title"],
-                                "description": facts[store]["description"],
-                                "collections": part["records"], "files": part["files"],
-                                "facts": store_facts})
-            zf.writestr("facts.json", json.dumps(
-                {"request_id": request_id, "generated_at": generated, "stores": facts,
-                 "your_rights": RIGHTS}, indent=2, ensure_ascii=False))
-            html = _env().get_template("archive_summary.html").render(
-                request_id=request_id, generated_at=generated, stores=summary, rights=RIGHTS)
+                summary.append(
+                    {
+                        "store": store,
+                        "title": facts[store]["title"],
+                        "description": facts[store]["description"],
+                        "collections": part["records"],
+                        "files": part["files"],
+                        "facts": store_facts,
+                    }
+                )
+            zf.writestr(
+                "facts.json",
+                json.dumps(
+                    {
+                        "request_id": request_id,
+                        "generated_at": generated,
+                        "stores": facts,
+                        "your_rights": RIGHTS,
+                    },
+                    indent=2,
+                    ensure_ascii=False,
+                ),
+            )
+            html = (
+                _env()
+                .get_template("archive_summary.html")
+                .render(
+                    request_id=request_id, generated_at=generated, stores=summary, rights=RIGHTS
+                )
+            )
             zf.writestr("summary.html", html)
-            zf.writestr("README.txt", (
-                "Your Allego data\n\n"
-                "summary.html  a readable overview of everything below\n"
-                "facts.json    why we hold it, who receives it, how long we keep it, "
-                "where it came from\n"
-                "<store>/records.json  your records in each product, machine-readable (JSON)\n"
-                "<store>/files/        your files in that product\n"))
+            zf.writestr(
+                "README.txt",
+                (
+                    "Your Allego data\n\n"
+                    "summary.html  a readable overview of everything below\n"
+                    "facts.json    why we hold it, who receives it, how long we keep it, "
+                    "where it came from\n"
+                    "<store>/records.json  your records in each product, machine-readable (JSON)\n"
+                    "<store>/files/        your files in that product\n"
+                ),
+            )
         writer.close()
     staging.replace(final)
     shutil.rmtree(root / "parts", ignore_errors=True)

@@ -22,18 +22,38 @@ GENESIS = "0" * 64
 _PG_CHAIN_LOCK = 7_245_001  # advisory lock id serialising appends on PostgreSQL
 
 
-def _entry_hash(prev_hash: str, at: datetime, actor: str, action: str,
-                request_id: str | None, detail: dict[str, Any]) -> str:
+def _entry_hash(
+    prev_hash: str,
+    at: datetime,
+    actor: str,
+    action: str,
+    request_id: str | None,
+    detail: dict[str, Any],
+) -> str:
     body = json.dumps(
-        {"prev": prev_hash, "at": at.isoformat(), "actor": actor, "action": action,
-         "request": request_id, "detail": detail},
-        sort_keys=True, separators=(",", ":"), default=str,
+        {
+            "prev": prev_hash,
+            "at": at.isoformat(),
+            "actor": actor,
+            "action": action,
+            "request": request_id,
+            "detail": detail,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
     )
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def record(session: Session, action: str, *, request_id: str | None = None,
-           actor: str = "system", **detail: Any) -> AuditRow:
+def record(
+    session: Session,
+    action: str,
+    *,
+    request_id: str | None = None,
+    actor: str = "system",
+    **detail: Any,
+) -> AuditRow:
     """Append an entry in the caller's transaction, chained to the current head."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHAIN_LOCK})
@@ -41,8 +61,15 @@ def record(session: Session, action: str, *, request_id: str | None = None,
     prev = head or GENESIS
     at = utcnow()
     clean = json.loads(json.dumps(detail, default=str))
-    row = AuditRow(at=at, actor=actor, action=action, request_id=request_id, detail=clean,
-                   prev_hash=prev, hash=_entry_hash(prev, at, actor, action, request_id, clean))
+    row = AuditRow(
+        at=at,
+        actor=actor,
+        action=action,
+        request_id=request_id,
+        detail=clean,
+        prev_hash=prev,
+        hash=_entry_hash(prev, at, actor, action, request_id, clean),
+    )
     session.add(row)
     session.flush()
     return row
@@ -65,9 +92,13 @@ def verify_chain(session: Session, *, batch: int = 5000) -> ChainReport:
     count = 0
     last_id = 0
     while True:
-        rows = session.execute(
-            select(AuditRow).where(AuditRow.id > last_id).order_by(AuditRow.id).limit(batch)
-        ).scalars().all()
+        rows = (
+            session.execute(
+                select(AuditRow).where(AuditRow.id > last_id).order_by(AuditRow.id).limit(batch)
+            )
+            .scalars()
+            .all()
+        )
         if not rows:
             return ChainReport(count, None, None)
         for row in rows:

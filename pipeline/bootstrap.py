@@ -39,9 +39,13 @@ class DramatiqBus:
     def publish(self, envelope: Envelope) -> None:
         import dramatiq
 
-        message = dramatiq.Message(
-            queue_name=envelope.queue, actor_name=envelope.actor, args=envelope.args,
-            kwargs={}, options={}, message_id=envelope.id,
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name=envelope.queue,
+            actor_name=envelope.actor,
+            args=envelope.args,
+            kwargs={},
+            options={},
+            message_id=envelope.id,
         )
         self.broker.enqueue(message, delay=envelope.delay_ms)
 
@@ -58,10 +62,16 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
     )
 
     middleware = [
-        AgeLimit(), TimeLimit(time_limit=15 * 60 * 1000), ShutdownNotifications(), Callbacks(),
+        AgeLimit(),
+        TimeLimit(time_limit=15 * 60 * 1000),
+        ShutdownNotifications(),
+        Callbacks(),
         CurrentMessage(),
-        Retries(max_retries=settings.store_max_attempts + 20, min_backoff=settings.retry_base_ms,
-                max_backoff=settings.retry_max_ms),
+        Retries(
+            max_retries=settings.store_max_attempts + 20,
+            min_backoff=settings.retry_base_ms,
+            max_backoff=settings.retry_max_ms,
+        ),
     ]
     if settings.broker_url.startswith(("amqp://", "amqps://")):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
@@ -69,8 +79,9 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
         return RabbitmqBroker(url=settings.broker_url, middleware=middleware)
     from dramatiq.brokers.redis import RedisBroker
 
-    return RedisBroker(url=settings.broker_url, namespace=settings.queue_namespace,
-                       middleware=middleware)
+    return RedisBroker(
+        url=settings.broker_url, namespace=settings.queue_namespace, middleware=middleware
+    )
 
 
 @dataclass
@@ -88,8 +99,12 @@ class App:
 
     @cached_property
     def keys(self) -> Keys:
-        return load_keys(keys_file=self.settings.keys_file, keys_env=self.settings.keys_env,
-                         data_dir=self.settings.data_dir, production=self.settings.production)
+        return load_keys(
+            keys_file=self.settings.keys_file,
+            keys_env=self.settings.keys_env,
+            data_dir=self.settings.data_dir,
+            production=self.settings.production,
+        )
 
     @cached_property
     def blind(self) -> BlindIndex:

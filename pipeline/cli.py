@@ -56,14 +56,20 @@ def status(request_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{info['request_id']}  {info['type']}  {info['state']}"
-               f"{'  (' + info['reason'] + ')' if info['reason'] else ''}")
+    click.echo(
+        f"{info['request_id']}  {info['type']}  {info['state']}"
+        f"{'  (' + info['reason'] + ')' if info['reason'] else ''}"
+    )
     flag = " OVERDUE" if info["overdue"] else " at risk" if info["at_risk"] else ""
-    click.echo(f"  due {info['due_at']}{flag}  received {info['received_at']}  "
-               f"verified by {info['verified_by'] or '-'}")
+    click.echo(
+        f"  due {info['due_at']}{flag}  received {info['received_at']}  "
+        f"verified by {info['verified_by'] or '-'}"
+    )
     for t in info["stores"]:
-        click.echo(f"  {t['phase']:<8} {t['store']:<12} {t['status']:<8} attempts={t['attempts']}"
-                   f"{'  ' + t['error'] if t['error'] else ''}")
+        click.echo(
+            f"  {t['phase']:<8} {t['store']:<12} {t['status']:<8} attempts={t['attempts']}"
+            f"{'  ' + t['error'] if t['error'] else ''}"
+        )
     for e in info["emails"]:
         click.echo(f"  email {e['event']:<24} {e['status']}")
 
@@ -89,8 +95,19 @@ def worker(processes: int, threads: int) -> None:
     require_current(app.engine)
     app.connectors  # noqa: B018 - validate every connector before taking messages
     app.close()
-    os.execv(sys.executable, [sys.executable, "-m", "dramatiq", "workers.actors",
-                              "--processes", str(processes), "--threads", str(threads)])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "workers.actors",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+        ],
+    )
 
 
 @main.command()
@@ -131,7 +148,7 @@ def seed(people: int) -> None:
     from connectors.allego.seed import seed_demo_stores
 
     manifest = seed_demo_stores(_app().settings.data_dir, people=people)
-    click.echo(f"seeded demo stores in {manifest.root}")
+    click.echo(f"seeded demo stores in {manifest.stores_dir}")
 
 
 @main.command()

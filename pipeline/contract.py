@@ -48,8 +48,12 @@ class Subject:
     product_ids: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"email": self.email, "name": self.name, "phone": self.phone,
-                "product_ids": dict(self.product_ids)}
+        return {
+            "email": self.email,
+            "name": self.name,
+            "phone": self.phone,
+            "product_ids": dict(self.product_ids),
+        }
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def _where(error: ValidationError) -> str:
     return text or "document"
 
 
-_CODES = {
+_CODES: dict[tuple[str, ...], str] = {
     ("type",): "unknown_type",
     ("schema",): "unknown_schema",
     ("jurisdiction",): "unknown_jurisdiction",
@@ -100,7 +104,9 @@ def _explain(error: ValidationError) -> InvalidRequest:
         return InvalidRequest(f"schema must be {SCHEMA_ID!r}", code="unknown_schema")
     if v == "enum":
         allowed = ", ".join(str(x) for x in error.validator_value)
-        code = _CODES.get(path, "unknown_correction_field" if path[-1:] == ("field",) else "invalid_value")
+        code = _CODES.get(
+            path, "unknown_correction_field" if path[-1:] == ("field",) else "invalid_value"
+        )
         return InvalidRequest(f"{where} must be one of: {allowed}", code=code)
     if v == "type":
         return InvalidRequest(f"{where} must be of type {error.validator_value}", code="wrong_type")
@@ -110,12 +116,17 @@ def _explain(error: ValidationError) -> InvalidRequest:
         named = ", ".join(safe) if len(safe) == len(extra) else "a field"
         return InvalidRequest(f"{where} has an unknown field: {named}", code="unknown_field")
     if v in ("maxLength", "maxItems", "maxProperties"):
-        return InvalidRequest(f"{where} is too long (at most {error.validator_value})", code="too_long")
+        return InvalidRequest(
+            f"{where} is too long (at most {error.validator_value})", code="too_long"
+        )
     if v in ("minLength", "minItems"):
         return InvalidRequest(f"{where} must not be empty", code="empty_field")
     if v == "pattern":
-        what = {"email": "a valid email address", "phone": "a phone number (digits, +, spaces)",
-                "request_id": "letters, digits and . _ : - only"}.get(path[-1] if path else "", None)
+        what = {
+            "email": "a valid email address",
+            "phone": "a phone number (digits, +, spaces)",
+            "request_id": "letters, digits and . _ : - only",
+        }.get(path[-1] if path else "")
         detail = f"must be {what}" if what else "contains characters that are not allowed"
         return InvalidRequest(f"{where} {detail}", code="invalid_format")
     return InvalidRequest(f"{where} is invalid ({v})", code="invalid_value")
@@ -125,10 +136,13 @@ def _timestamp(value: str, where: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
-        raise InvalidRequest(f"{where} must be an RFC 3339 timestamp", code="bad_timestamp") from exc
+        raise InvalidRequest(
+            f"{where} must be an RFC 3339 timestamp", code="bad_timestamp"
+        ) from exc
     if "T" not in value.upper() or parsed.tzinfo is None:
-        raise InvalidRequest(f"{where} must be an RFC 3339 timestamp with a time zone",
-                             code="bad_timestamp")
+        raise InvalidRequest(
+            f"{where} must be an RFC 3339 timestamp with a time zone", code="bad_timestamp"
+        )
     return parsed.astimezone(UTC)
 
 
@@ -157,8 +171,9 @@ def decode(raw: bytes | str | Mapping[str, Any], *, max_bytes: int) -> dict[str,
     return doc
 
 
-def parse(raw: bytes | str | Mapping[str, Any], *, max_bytes: int = 64 * 1024,
-          now: datetime | None = None) -> IntakeDocument:
+def parse(
+    raw: bytes | str | Mapping[str, Any], *, max_bytes: int = 64 * 1024, now: datetime | None = None
+) -> IntakeDocument:
     doc = decode(raw, max_bytes=max_bytes)
     request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else None
     try:
@@ -180,8 +195,9 @@ def _check_strings(value: Any, depth: int = 0) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequest("document holds text that is not valid Unicode",
-                                 code="invalid_text") from exc
+            raise InvalidRequest(
+                "document holds text that is not valid Unicode", code="invalid_text"
+            ) from exc
     elif isinstance(value, dict):
         for k, v in value.items():
             _check_strings(k, depth + 1)
@@ -210,40 +226,59 @@ def _build(doc: dict[str, Any], now: datetime) -> IntakeDocument:
     if "concern" in doc and kind is not RequestType.CONCERN:
         raise InvalidRequest("concern belongs only to a concern request", code="invalid_value")
     s = doc["subject"]
-    subject = Subject(email=s["email"].strip(), name=s.get("name"), phone=s.get("phone"),
-                      product_ids=dict(s.get("product_ids", {})))
+    subject = Subject(
+        email=s["email"].strip(),
+        name=s.get("name"),
+        phone=s.get("phone"),
+        product_ids=dict(s.get("product_ids", {})),
+    )
     corrections = tuple((c["field"], c["value"]) for c in doc.get("corrections", ()))
     if len({f for f, _ in corrections}) != len(corrections):
         raise InvalidRequest("corrections name the same field twice", code="invalid_value")
     assertion = None
     if "verification" in doc:
         v = doc["verification"]
-        assertion = Assertion(system=v["system"],
-                              expires_at=_timestamp(v["expires_at"], "verification.expires_at"),
-                              signature=v["signature"])
+        assertion = Assertion(
+            system=v["system"],
+            expires_at=_timestamp(v["expires_at"], "verification.expires_at"),
+            signature=v["signature"],
+        )
     return IntakeDocument(
-        request_id=doc["request_id"], type=kind, subject=subject,
-        jurisdiction=Jurisdiction(doc["jurisdiction"]), received_at=received_at,
-        channel=doc["channel"], corrections=corrections,
+        request_id=doc["request_id"],
+        type=kind,
+        subject=subject,
+        jurisdiction=Jurisdiction(doc["jurisdiction"]),
+        received_at=received_at,
+        channel=doc["channel"],
+        corrections=corrections,
         concern=doc["concern"]["message"] if "concern" in doc else None,
-        verification=assertion, raw=doc,
+        verification=assertion,
+        raw=doc,
     )
 
 
 # -- signed assertions --------------------------------------------------------------
 
 
-def assertion_message(request_id: str, kind: str, email: str, system: str, expires_at: str) -> bytes:
-    return "|".join([SCHEMA_ID, request_id, kind, email.strip().lower(), system, expires_at]).encode()
+def assertion_message(
+    request_id: str, kind: str, email: str, system: str, expires_at: str
+) -> bytes:
+    return "|".join(
+        [SCHEMA_ID, request_id, kind, email.strip().lower(), system, expires_at]
+    ).encode()
 
 
-def sign_assertion(key: bytes, *, request_id: str, kind: str, email: str, system: str,
-                   expires_at: datetime) -> dict[str, str]:
+def sign_assertion(
+    key: bytes, *, request_id: str, kind: str, email: str, system: str, expires_at: datetime
+) -> dict[str, str]:
     """What an intake system puts in `verification` (shipped for intake teams and tests)."""
     stamp = expires_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
     mac = hmac.new(key, assertion_message(request_id, kind, email, system, stamp), hashlib.sha256)
-    return {"system": system, "expires_at": stamp,
-            "signature": base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")}
+    return {
+        "system": system,
+        "expires_at": stamp,
+        "signature": base64.urlsafe_b64encode(mac.digest()).decode().rstrip("="),
+    }
 
 
 def check_assertion(doc: IntakeDocument, intake_keys: Mapping[str, bytes], now: datetime) -> str:
@@ -253,10 +288,15 @@ def check_assertion(doc: IntakeDocument, intake_keys: Mapping[str, bytes], now: 
     assert a is not None
     key = intake_keys.get(a.system)
     if key is None:
-        raise InvalidRequest("verification.system is not a known intake system", code="bad_assertion")
+        raise InvalidRequest(
+            "verification.system is not a known intake system", code="bad_assertion"
+        )
     raw_expiry = doc.raw["verification"]["expires_at"]
-    expected = hmac.new(key, assertion_message(doc.request_id, doc.type.value, doc.subject.email,
-                                               a.system, raw_expiry), hashlib.sha256).digest()
+    expected = hmac.new(
+        key,
+        assertion_message(doc.request_id, doc.type.value, doc.subject.email, a.system, raw_expiry),
+        hashlib.sha256,
+    ).digest()
     given = a.signature + "=" * (-len(a.signature) % 4)
     try:
         given_raw = base64.urlsafe_b64decode(given)
@@ -272,4 +312,5 @@ def check_assertion(doc: IntakeDocument, intake_keys: Mapping[str, bytes], now: 
 def content_fingerprint(doc: Mapping[str, Any]) -> bytes:
     """Canonical bytes of a document, for comparing a resubmission with the original."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass")
+        "utf-8", "surrogatepass"
+    )

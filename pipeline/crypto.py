@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -165,8 +166,11 @@ class EncryptingWriter:
         self._buf += data
         self._position += len(data)
         while len(self._buf) > _CHUNK:  # keep at least one byte back for the last frame
-            self._dest.write(_seal_frame(self._aead, self._prefix, self._counter,
-                                         bytes(self._buf[:_CHUNK]), last=False))
+            self._dest.write(
+                _seal_frame(
+                    self._aead, self._prefix, self._counter, bytes(self._buf[:_CHUNK]), last=False
+                )
+            )
             del self._buf[:_CHUNK]
             self._counter += 1
         return len(data)
@@ -182,8 +186,9 @@ class EncryptingWriter:
 
     def close(self) -> None:
         if not self.closed:
-            self._dest.write(_seal_frame(self._aead, self._prefix, self._counter,
-                                         bytes(self._buf), last=True))
+            self._dest.write(
+                _seal_frame(self._aead, self._prefix, self._counter, bytes(self._buf), last=True)
+            )
             self._buf.clear()
             self.closed = True
             self._dest.flush()
@@ -241,7 +246,9 @@ class Signer:
         return b64d(encoded).decode()
 
     def _mac(self, body: str) -> str:
-        return b64e(hmac.new(self._key, self._purpose + b"|" + body.encode(), hashlib.sha256).digest())
+        return b64e(
+            hmac.new(self._key, self._purpose + b"|" + body.encode(), hashlib.sha256).digest()
+        )
 
 
 @dataclass(frozen=True)
@@ -295,8 +302,9 @@ class Keys:
         )
 
 
-def load_keys(*, keys_file: Path | None, keys_env: Mapping[str, str], data_dir: Path,
-              production: bool) -> Keys:
+def load_keys(
+    *, keys_file: Path | None, keys_env: Mapping[str, str], data_dir: Path, production: bool
+) -> Keys:
     """Key material from PRIVACY_KEYS_JSON, a keys file, or (demo only) a generated file.
 
     Production refuses generated demo keys: its secrets must come from the environment
@@ -321,10 +329,8 @@ def load_keys(*, keys_file: Path | None, keys_env: Mapping[str, str], data_dir: 
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(keys.to_json(), indent=2))
             tmp.chmod(0o600)
-            try:
-                os.link(tmp, path)  # first writer wins when workers start together
-            except FileExistsError:
-                pass
+            with contextlib.suppress(FileExistsError):  # first writer wins
+                os.link(tmp, path)
             tmp.unlink()
             keys = Keys.from_json(json.loads(path.read_text()))
     if production and keys.demo:

@@ -45,8 +45,12 @@ def submit(doc: Mapping[str, Any] | str | bytes, *, bus: MessageBus | None = Non
 
         bus = App.from_env().bus
     payload = doc if isinstance(doc, Mapping) else _as_object(doc)
-    envelope = Envelope(id=str(uuid.uuid4()), actor=topology.INTAKE_ACTOR,
-                        queue=topology.INTAKE_QUEUE, args=(payload,))
+    envelope = Envelope(
+        id=str(uuid.uuid4()),
+        actor=topology.INTAKE_ACTOR,
+        queue=topology.INTAKE_QUEUE,
+        args=(payload,),
+    )
     bus.publish(envelope)
     return envelope.id
 
@@ -80,8 +84,9 @@ def accept(app: App, raw: Any, *, now: datetime | None = None) -> IntakeResult:
             verified_by = f"assertion:{system}"
     except InvalidRequest as exc:
         return reject(app, exc, raw)
-    fingerprint = app.blind.of("document", hashlib.sha256(
-        contract.content_fingerprint(doc.raw)).hexdigest())
+    fingerprint = app.blind.of(
+        "document", hashlib.sha256(contract.content_fingerprint(doc.raw)).hexdigest()
+    )
     try:
         return _store(app, doc, fingerprint, verified_by, now)
     except IntegrityError:
@@ -91,8 +96,9 @@ def accept(app: App, raw: Any, *, now: datetime | None = None) -> IntakeResult:
         return reject(app, exc, raw)
 
 
-def _store(app: App, doc: IntakeDocument, fingerprint: str, verified_by: str | None,
-           now: datetime) -> IntakeResult:
+def _store(
+    app: App, doc: IntakeDocument, fingerprint: str, verified_by: str | None, now: datetime
+) -> IntakeResult:
     with UnitOfWork(app) as uow:
         session = uow.session
         existing = session.get(RequestRow, doc.request_id)
@@ -102,12 +108,18 @@ def _store(app: App, doc: IntakeDocument, fingerprint: str, verified_by: str | N
                 return IntakeResult("duplicate", doc.request_id)
             raise ConflictingRequest(
                 "request_id was already used for a different document",
-                code="conflicting_request", request_id=doc.request_id)
+                code="conflicting_request",
+                request_id=doc.request_id,
+            )
         subject_hash = app.blind.email(doc.subject.email)
         linked = session.execute(
-            select(RequestRow.id).where(RequestRow.subject_hash == subject_hash,
-                                        RequestRow.state.notin_([s.value for s in TERMINAL]))
-            .order_by(RequestRow.received_at).limit(1)
+            select(RequestRow.id)
+            .where(
+                RequestRow.subject_hash == subject_hash,
+                RequestRow.state.notin_([s.value for s in TERMINAL]),
+            )
+            .order_by(RequestRow.received_at)
+            .limit(1)
         ).scalar()
         due = policy.due_date(doc.jurisdiction, doc.received_at)
         ring = app.keys.ring
@@ -118,52 +130,102 @@ def _store(app: App, doc: IntakeDocument, fingerprint: str, verified_by: str | N
         if doc.concern is not None:
             payload["concern"] = doc.concern
         request = RequestRow(
-            id=doc.request_id, type=doc.type.value, jurisdiction=doc.jurisdiction.value,
-            channel=doc.channel, state=State.RECEIVED.value, subject_hash=subject_hash,
+            id=doc.request_id,
+            type=doc.type.value,
+            jurisdiction=doc.jurisdiction.value,
+            channel=doc.channel,
+            state=State.RECEIVED.value,
+            subject_hash=subject_hash,
             subject_enc=ring.encrypt_json(doc.subject.to_json(), context=context),
             payload_enc=ring.encrypt_json(payload, context=context) if payload else None,
-            content_hash=fingerprint, schema_version=contract.SCHEMA_ID,
-            received_at=doc.received_at, due_at=due, original_due_at=due,
-            verified_by=verified_by, verified_at=now if verified_by else None,
-            linked_to=linked, created_at=now, updated_at=now,
+            content_hash=fingerprint,
+            schema_version=contract.SCHEMA_ID,
+            received_at=doc.received_at,
+            due_at=due,
+            original_due_at=due,
+            verified_by=verified_by,
+            verified_at=now if verified_by else None,
+            linked_to=linked,
+            created_at=now,
+            updated_at=now,
         )
         session.add(request)
         session.flush()
-        session.add(TransitionRow(request_id=request.id, from_state=None,
-                                  to_state=State.RECEIVED.value, at=now))
-        audit.record(session, "request_received", request_id=request.id, type=request.type,
-                     jurisdiction=request.jurisdiction, channel=request.channel,
-                     subject_hash=subject_hash, due_at=iso(due), linked_to=linked,
-                     verified_by=verified_by)
-        note = queue_notification(app, session, request, "acknowledgement", "acknowledgement", {
-            "request_id": request.id, "type": request.type, "due_at": iso(due),
-            "received_at": iso(request.received_at),
-            "verification": "email" if needs_verification(doc.type) and not verified_by else "none",
-            "jurisdiction": request.jurisdiction,
-        })
+        session.add(
+            TransitionRow(
+                request_id=request.id, from_state=None, to_state=State.RECEIVED.value, at=now
+            )
+        )
+        audit.record(
+            session,
+            "request_received",
+            request_id=request.id,
+            type=request.type,
+            jurisdiction=request.jurisdiction,
+            channel=request.channel,
+            subject_hash=subject_hash,
+            due_at=iso(due),
+            linked_to=linked,
+            verified_by=verified_by,
+        )
+        note = queue_notification(
+            app,
+            session,
+            request,
+            "acknowledgement",
+            "acknowledgement",
+            {
+                "request_id": request.id,
+                "type": request.type,
+                "due_at": iso(due),
+                "received_at": iso(request.received_at),
+                "verification": "email"
+                if needs_verification(doc.type) and not verified_by
+                else "none",
+                "jurisdiction": request.jurisdiction,
+            },
+        )
         if note:
             uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
         uow.send(f"{request.id}:verify", topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, request.id)
-    log.info("request_accepted", request_id=doc.request_id, type=doc.type.value,
-             linked=bool(linked))
+    log.info(
+        "request_accepted", request_id=doc.request_id, type=doc.type.value, linked=bool(linked)
+    )
     return IntakeResult("accepted", doc.request_id)
 
 
 def reject(app: App, error: InvalidRequest, raw: Any) -> IntakeResult:
     """Record a rejection: the reason and a keyed hash of the document, never its content."""
     try:
-        body = raw if isinstance(raw, bytes) else json.dumps(
-            raw, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8", "replace")
+        body = (
+            raw
+            if isinstance(raw, bytes)
+            else json.dumps(raw, sort_keys=True, default=str, ensure_ascii=False).encode(
+                "utf-8", "replace"
+            )
+        )
     except (TypeError, ValueError, RecursionError):
         body = repr(type(raw)).encode()
     with transaction(app.sessions) as session:
-        session.add(RejectionRow(request_id=error.request_id, code=error.code,
-                                 reason=error.reason, size=len(body),
-                                 document_hash=app.blind.of("rejected", hashlib.sha256(body).hexdigest())))
-        audit.record(session, "request_rejected", request_id=error.request_id, code=error.code,
-                     reason=error.reason)
-    log.warning("request_rejected", request_id=error.request_id, code=error.code,
-                reason=error.reason)
+        session.add(
+            RejectionRow(
+                request_id=error.request_id,
+                code=error.code,
+                reason=error.reason,
+                size=len(body),
+                document_hash=app.blind.of("rejected", hashlib.sha256(body).hexdigest()),
+            )
+        )
+        audit.record(
+            session,
+            "request_rejected",
+            request_id=error.request_id,
+            code=error.code,
+            reason=error.reason,
+        )
+    log.warning(
+        "request_rejected", request_id=error.request_id, code=error.code, reason=error.reason
+    )
     return IntakeResult("rejected", error.request_id, error.code, error.reason)
 
 

@@ -25,8 +25,12 @@ def locate_request(app: App, request_id: str) -> None:
     with UnitOfWork(app) as uow:
         request = load(uow.session, request_id)
         if request.state == State.VERIFIED.value:
-            advance(uow.session, request, State.LOCATING,
-                    reason=f"searching {len(app.connectors)} product store(s)")
+            advance(
+                uow.session,
+                request,
+                State.LOCATING,
+                reason=f"searching {len(app.connectors)} product store(s)",
+            )
         elif request.state != State.LOCATING.value:
             return
         if not app.connectors:
@@ -35,8 +39,13 @@ def locate_request(app: App, request_id: str) -> None:
             return
         for store in sorted(app.connectors):
             ensure_task(uow, request_id, store, "locate")
-            uow.send(f"{request_id}:locate:{store}", topology.LOCATE_STORE_ACTOR,
-                     topology.STORE_QUEUE, request_id, store)
+            uow.send(
+                f"{request_id}:locate:{store}",
+                topology.LOCATE_STORE_ACTOR,
+                topology.STORE_QUEUE,
+                request_id,
+                store,
+            )
 
 
 def _locate(connector: Connector, identity: Identity, request: RequestRow) -> TaskOutcome:
@@ -45,10 +54,16 @@ def _locate(connector: Connector, identity: Identity, request: RequestRow) -> Ta
     for ref in found.records:
         collections[ref.collection] = collections.get(ref.collection, 0) + 1
     return TaskOutcome(
-        result={"records": len(found.records), "erasable": len(found.erasable),
-                "retained": len(found.retained), "collections": collections},
-        detail={"refs": [[r.collection, r.key, r.via, r.retained] for r in found.records],
-                "discovered_ids": dict(found.discovered_ids)},
+        result={
+            "records": len(found.records),
+            "erasable": len(found.erasable),
+            "retained": len(found.retained),
+            "collections": collections,
+        },
+        detail={
+            "refs": [[r.collection, r.key, r.via, r.retained] for r in found.records],
+            "discovered_ids": dict(found.discovered_ids),
+        },
     )
 
 

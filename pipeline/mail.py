@@ -27,17 +27,19 @@ class Templates:
 
     def __init__(self) -> None:
         loader = PackageLoader("pipeline", "templates")
-        self._text = Environment(loader=loader, autoescape=False, undefined=StrictUndefined,
-                                 keep_trailing_newline=True)
-        self._html = Environment(loader=loader, autoescape=select_autoescape(["html"]),
-                                 undefined=StrictUndefined)
+        self._text = Environment(
+            loader=loader, autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
+        )
+        self._html = Environment(
+            loader=loader, autoescape=select_autoescape(["html"]), undefined=StrictUndefined
+        )
 
     def render(self, name: str, context: dict[str, Any]) -> RenderedMail:
         text = self._text.get_template(f"mail/{name}.txt").render(**context)
         first, _, body = text.partition("\n")
         if not first.startswith("Subject: "):
             raise ValueError(f"mail template {name!r} must start with a 'Subject: ' line")
-        subject = " ".join(first[len("Subject: "):].split())  # one line, whatever came in
+        subject = " ".join(first[len("Subject: ") :].split())  # one line, whatever came in
         html = self._html.get_template(f"mail/{name}.html").render(subject=subject, **context)
         return RenderedMail(subject, body.lstrip("\n"), html)
 
@@ -61,8 +63,15 @@ class Mailer:
 
     def send(self, message: EmailMessage) -> None:
         try:
-            asyncio.run(aiosmtplib.send(message, hostname=self.settings.smtp_host,
-                                        port=self.settings.smtp_port,
-                                        timeout=self.settings.smtp_timeout))
+            asyncio.run(
+                aiosmtplib.send(
+                    message,
+                    hostname=self.settings.smtp_host,
+                    port=self.settings.smtp_port,
+                    timeout=self.settings.smtp_timeout,
+                )
+            )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise MailUnavailable(f"mail server refused or did not answer: {type(exc).__name__}") from exc
+            raise MailUnavailable(
+                f"mail server refused or did not answer: {type(exc).__name__}"
+            ) from exc

@@ -76,9 +76,9 @@ class _FolderHandler:
             number = next(self._counter)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"{stamp}-{number:06d}-{_sanitize(_message_id(content))}.eml"
-        envelope = (
-            f"X-MailFrom: {mail_from}\r\nX-RcptTo: {', '.join(rcpt_tos)}\r\n"
-        ).encode("utf-8", errors="replace")
+        envelope = (f"X-MailFrom: {mail_from}\r\nX-RcptTo: {', '.join(rcpt_tos)}\r\n").encode(
+            "utf-8", errors="replace"
+        )
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / name
         partial = self.folder / f".{name}.partial"
@@ -181,8 +181,9 @@ def run_forever(
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: done.set())
     with MailSink(folder, host=host, port=port) as sink:
-        print(f"mail sink: listening on {sink.host}:{sink.port}, writing to {sink.folder}",
-              flush=True)
+        print(
+            f"mail sink: listening on {sink.host}:{sink.port}, writing to {sink.folder}", flush=True
+        )
         while not done.wait(0.5):
             pass
     print("mail sink: stopped", flush=True)

@@ -44,4 +44,5 @@ def require_current(engine: Engine) -> None:
     if current != head:
         raise ConfigurationError(
             f"the state database is at schema revision {current or 'none'}, the code needs "
-            f"{head}: run `privacy migrate` first")
+            f"{head}: run `privacy migrate` first"
+        )

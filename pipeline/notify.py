@@ -47,34 +47,60 @@ def _store_titles(app: App) -> dict[str, str]:
 def outcome_context(app: App, uow: UnitOfWork, request: RequestRow) -> dict[str, Any]:
     kind = RequestType(request.type)
     titles = _store_titles(app)
-    context: dict[str, Any] = {"request_id": request.id, "type": request.type,
-                               "received_at": iso(request.received_at)}
-    searched = [{"store": titles.get(t.store, t.store), "records": (t.result or {}).get("records", 0)}
-                for t in tasks_of(uow, request.id, "locate")]
+    context: dict[str, Any] = {
+        "request_id": request.id,
+        "type": request.type,
+        "received_at": iso(request.received_at),
+    }
+    searched = [
+        {"store": titles.get(t.store, t.store), "records": (t.result or {}).get("records", 0)}
+        for t in tasks_of(uow, request.id, "locate")
+    ]
     context["searched"] = searched
     acted = {t.store: t.result or {} for t in tasks_of(uow, request.id, "act")}
     if kind is RequestType.ACCESS:
         export = uow.session.execute(
-            select(ExportRow).where(ExportRow.request_id == request.id)).scalar_one()
-        context.update(link=download_link(app, export), expires_at=iso(export.expires_at),
-                       stores=[{"store": titles.get(s, s), **r} for s, r in sorted(acted.items())])
+            select(ExportRow).where(ExportRow.request_id == request.id)
+        ).scalar_one()
+        context.update(
+            link=download_link(app, export),
+            expires_at=iso(export.expires_at),
+            stores=[{"store": titles.get(s, s), **r} for s, r in sorted(acted.items())],
+        )
     elif kind is RequestType.CORRECT:
-        context["stores"] = [{"store": titles.get(s, s), "applied": r.get("applied", []),
-                              "not_held": r.get("not_held", []), "refused": r.get("refused")}
-                             for s, r in sorted(acted.items())]
+        context["stores"] = [
+            {
+                "store": titles.get(s, s),
+                "applied": r.get("applied", []),
+                "not_held": r.get("not_held", []),
+                "refused": r.get("refused"),
+            }
+            for s, r in sorted(acted.items())
+        ]
         context["fields"] = sorted({f for r in acted.values() for f in r.get("applied", [])})
     elif kind is RequestType.ERASE:
-        context["stores"] = [{"store": titles.get(s, s), "deleted": r.get("deleted", 0),
-                              "anonymized": r.get("anonymized", 0)}
-                             for s, r in sorted(acted.items())]
-        context["retained"] = [{"store": titles.get(s, s), **k}
-                               for s, r in sorted(acted.items()) for k in r.get("retained", [])]
+        context["stores"] = [
+            {
+                "store": titles.get(s, s),
+                "deleted": r.get("deleted", 0),
+                "anonymized": r.get("anonymized", 0),
+            }
+            for s, r in sorted(acted.items())
+        ]
+        context["retained"] = [
+            {"store": titles.get(s, s), **k}
+            for s, r in sorted(acted.items())
+            for k in r.get("retained", [])
+        ]
     elif kind is RequestType.OPT_OUT:
-        context["stores"] = [{"store": titles.get(s, s), "updated": r.get("updated", 0)}
-                             for s, r in sorted(acted.items())]
+        context["stores"] = [
+            {"store": titles.get(s, s), "updated": r.get("updated", 0)}
+            for s, r in sorted(acted.items())
+        ]
     else:
         case = uow.session.execute(
-            select(CaseRow).where(CaseRow.request_id == request.id)).scalar_one()
+            select(CaseRow).where(CaseRow.request_id == request.id)
+        ).scalar_one()
         context.update(case_id=case.id, due_at=iso(case.due_at))
     return context
 
@@ -93,8 +119,9 @@ def notify_outcome(app: App, request_id: str) -> None:
         if request.state != State.NOTIFYING.value:
             return
         context = outcome_context(app, uow, request)
-        note = queue_notification(app, uow.session, request, "outcome",
-                                  f"outcome_{request.type}", context)
+        note = queue_notification(
+            app, uow.session, request, "outcome", f"outcome_{request.type}", context
+        )
         request.outcome = _summary(context)
         advance(uow.session, request, State.DONE, reason="outcome mailed to the person")
         if note:
@@ -126,16 +153,22 @@ def send_email(app: App, notification_id: str) -> None:
             assert row is not None
             row.last_error = str(exc)
         delay = min(app.settings.retry_base_ms * 2 ** (attempt - 1), app.settings.retry_max_ms)
-        log.warning("email_deferred", notification_id=notification_id, attempt=attempt,
-                    error=str(exc))
+        log.warning(
+            "email_deferred", notification_id=notification_id, attempt=attempt, error=str(exc)
+        )
         raise MailRetry(str(exc), delay) from exc
     with UnitOfWork(app) as uow:
         row = uow.session.get(NotificationRow, notification_id)
         assert row is not None
         row.status = "sent"
         row.sent_at = utcnow()
-        audit.record(uow.session, "email_sent", request_id=request_id, event=event,
-                     notification_id=notification_id)
+        audit.record(
+            uow.session,
+            "email_sent",
+            request_id=request_id,
+            event=event,
+            notification_id=notification_id,
+        )
     log.info("email_sent", request_id=request_id, mail_event=event, notification_id=notification_id)
 
 
@@ -143,18 +176,22 @@ def resend_after(app: App, older_than: timedelta) -> list[str]:
     """Pending notifications whose send never finished (for the reconciler)."""
     with UnitOfWork(app) as uow:
         cutoff = utcnow() - older_than
-        return list(uow.session.execute(
-            select(NotificationRow.id).where(NotificationRow.status == "pending",
-                                             NotificationRow.created_at <= cutoff)
-        ).scalars())
+        return list(
+            uow.session.execute(
+                select(NotificationRow.id).where(
+                    NotificationRow.status == "pending", NotificationRow.created_at <= cutoff
+                )
+            ).scalars()
+        )
 
 
 def close_case(app: App, request_id: str, reply: str, *, actor: str) -> None:
     """The privacy team answers a concern; the person gets the reply and their rights."""
     with UnitOfWork(app) as uow:
         request = load(uow.session, request_id)
-        case = uow.session.execute(select(CaseRow).where(CaseRow.request_id == request_id)
-                                   ).scalar_one_or_none()
+        case = uow.session.execute(
+            select(CaseRow).where(CaseRow.request_id == request_id)
+        ).scalar_one_or_none()
         if case is None:
             raise UnknownRequest(f"request {request_id!r} has no case")
         if case.status == "closed":
@@ -162,9 +199,16 @@ def close_case(app: App, request_id: str, reply: str, *, actor: str) -> None:
         case.status = "closed"
         case.closed_at = utcnow()
         case.reply_enc = app.keys.ring.encrypt(reply.encode(), context=case.id.encode())
-        audit.record(uow.session, "case_closed", request_id=request_id, actor=actor,
-                     case_id=case.id)
-        note = queue_notification(app, uow.session, request, "case_reply", "case_reply",
-                                  {"request_id": request_id, "case_id": case.id, "reply": reply})
+        audit.record(
+            uow.session, "case_closed", request_id=request_id, actor=actor, case_id=case.id
+        )
+        note = queue_notification(
+            app,
+            uow.session,
+            request,
+            "case_reply",
+            "case_reply",
+            {"request_id": request_id, "case_id": case.id, "reply": reply},
+        )
         if note:
             uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)

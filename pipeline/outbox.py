@@ -51,9 +51,14 @@ def add(session: Session, *, key: str, actor: str, queue: str, args: Sequence[An
     return row.id
 
 
-def publish_pending(factory: sessionmaker[Session], bus: MessageBus, *,
-                    ids: Sequence[str] | None = None, older_than: timedelta | None = None,
-                    limit: int = 500) -> int:
+def publish_pending(
+    factory: sessionmaker[Session],
+    bus: MessageBus,
+    *,
+    ids: Sequence[str] | None = None,
+    older_than: timedelta | None = None,
+    limit: int = 500,
+) -> int:
     """Publish unpublished outbox rows (the given ones, or all older than a moment)."""
     with transaction(factory) as session:
         query = select(OutboxRow).where(OutboxRow.published_at.is_(None))
@@ -70,7 +75,8 @@ def publish_pending(factory: sessionmaker[Session], bus: MessageBus, *,
         bus.publish(Envelope(id=row_id, actor=actor, queue=queue, args=args))
         with transaction(factory) as session:
             session.execute(
-                update(OutboxRow).where(OutboxRow.id == row_id)
+                update(OutboxRow)
+                .where(OutboxRow.id == row_id)
                 .values(published_at=utcnow(), publish_count=OutboxRow.publish_count + 1)
             )
         sent += 1
@@ -85,8 +91,9 @@ def republish(factory: sessionmaker[Session], bus: MessageBus, key: str) -> bool
         row = session.execute(select(OutboxRow).where(OutboxRow.key == key)).scalar_one_or_none()
         if row is None:
             return False
-        envelope = Envelope(id=str(uuid.uuid4()), actor=row.actor, queue=row.queue,
-                            args=tuple(row.args))
+        envelope = Envelope(
+            id=str(uuid.uuid4()), actor=row.actor, queue=row.queue, args=tuple(row.args)
+        )
         row.published_at = utcnow()
         row.publish_count += 1
     bus.publish(envelope)

@@ -43,8 +43,14 @@ def max_due_date(jurisdiction: Jurisdiction, received_at: datetime) -> datetime:
     return received_at + timedelta(days=60)
 
 
-def extend(jurisdiction: Jurisdiction, received_at: datetime, original_due: datetime,
-           new_due: datetime, reason: str, now: datetime) -> datetime:
+def extend(
+    jurisdiction: Jurisdiction,
+    received_at: datetime,
+    original_due: datetime,
+    new_due: datetime,
+    reason: str,
+    now: datetime,
+) -> datetime:
     """Check an extension: a reason, within the original period, within the legal maximum."""
     if not reason.strip():
         raise ExtensionRefused("an extension needs a recorded reason")

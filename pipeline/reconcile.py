@@ -30,8 +30,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 WAITING = (State.AWAITING_VERIFICATION, State.NEEDS_ATTENTION)
-ACTIVE = [s.value for s in State if s not in WAITING and s not in
-          (State.DONE, State.EXPIRED, State.CANCELLED)]
+ACTIVE = [
+    s.value
+    for s in State
+    if s not in WAITING and s not in (State.DONE, State.EXPIRED, State.CANCELLED)
+]
 
 
 @dataclass
@@ -63,15 +66,21 @@ def next_messages(request: RequestRow, tasks: list[StoreTaskRow]) -> list[Envelo
     if state is State.LOCATING:
         if "locate" not in by_phase:
             return [_message(topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, rid)]
-        return [_message(topology.LOCATE_STORE_ACTOR, topology.STORE_QUEUE, rid, t.store)
-                for t in pending.get("locate", [])]
+        return [
+            _message(topology.LOCATE_STORE_ACTOR, topology.STORE_QUEUE, rid, t.store)
+            for t in pending.get("locate", [])
+        ]
     if state is State.ACTING:
         if pending.get("act"):
-            return [_message(topology.ACT_STORE_ACTOR, topology.STORE_QUEUE, rid, t.store)
-                    for t in pending["act"]]
+            return [
+                _message(topology.ACT_STORE_ACTOR, topology.STORE_QUEUE, rid, t.store)
+                for t in pending["act"]
+            ]
         if pending.get("recheck"):
-            return [_message(topology.RECHECK_STORE_ACTOR, topology.STORE_QUEUE, rid, t.store)
-                    for t in pending["recheck"]]
+            return [
+                _message(topology.RECHECK_STORE_ACTOR, topology.STORE_QUEUE, rid, t.store)
+                for t in pending["recheck"]
+            ]
         if "act" not in by_phase:
             return [_message(topology.ACT_ACTOR, topology.ACT_QUEUE, rid)]
         return [_message(topology.FINISH_ACTOR, topology.ACT_QUEUE, rid)]
@@ -84,14 +93,23 @@ def rekick_stalled(app: App, now: datetime, *, limit: int = 200) -> int:
     cutoff = now - timedelta(seconds=app.settings.stall_seconds)
     sent = 0
     with UnitOfWork(app) as uow:
-        stalled = uow.session.execute(
-            select(RequestRow).where(RequestRow.state.in_(ACTIVE), RequestRow.updated_at <= cutoff)
-            .order_by(RequestRow.updated_at).limit(limit)
-        ).scalars().all()
+        stalled = (
+            uow.session.execute(
+                select(RequestRow)
+                .where(RequestRow.state.in_(ACTIVE), RequestRow.updated_at <= cutoff)
+                .order_by(RequestRow.updated_at)
+                .limit(limit)
+            )
+            .scalars()
+            .all()
+        )
         plans = []
         for request in stalled:
-            tasks = list(uow.session.execute(
-                select(StoreTaskRow).where(StoreTaskRow.request_id == request.id)).scalars())
+            tasks = list(
+                uow.session.execute(
+                    select(StoreTaskRow).where(StoreTaskRow.request_id == request.id)
+                ).scalars()
+            )
             if any(t.updated_at > cutoff for t in tasks if t.status == "pending"):
                 continue  # a store task moved recently: it is working or backing off
             plans.append((request.id, next_messages(request, tasks)))
@@ -107,10 +125,15 @@ def rekick_stalled(app: App, now: datetime, *, limit: int = 200) -> int:
 def resend_stuck_emails(app: App, now: datetime) -> int:
     cutoff = now - timedelta(seconds=app.settings.stall_seconds)
     with UnitOfWork(app) as uow:
-        notes = uow.session.execute(
-            select(NotificationRow).where(NotificationRow.status == "pending",
-                                          NotificationRow.created_at <= cutoff)
-        ).scalars().all()
+        notes = (
+            uow.session.execute(
+                select(NotificationRow).where(
+                    NotificationRow.status == "pending", NotificationRow.created_at <= cutoff
+                )
+            )
+            .scalars()
+            .all()
+        )
         ids = []
         for note in notes:
             # created long ago and never sent: re-send at most once per stall period
@@ -124,7 +147,9 @@ def resend_stuck_emails(app: App, now: datetime) -> int:
 def tick(app: App, *, now: datetime | None = None) -> TickReport:
     now = now or utcnow()
     report = TickReport()
-    report.published = outbox.publish_pending(app.sessions, app.bus, older_than=timedelta(seconds=5))
+    report.published = outbox.publish_pending(
+        app.sessions, app.bus, older_than=timedelta(seconds=5)
+    )
     report.expired = verification.expire_due(app, now=now)
     report.rekicked = rekick_stalled(app, now)
     report.emails = resend_stuck_emails(app, now)

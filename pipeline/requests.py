@@ -34,8 +34,14 @@ def load(session: Session, request_id: str, *, lock: bool = True) -> RequestRow:
     return row
 
 
-def advance(session: Session, request: RequestRow, new: State, *, reason: str | None = None,
-            actor: str = "system") -> None:
+def advance(
+    session: Session,
+    request: RequestRow,
+    new: State,
+    *,
+    reason: str | None = None,
+    actor: str = "system",
+) -> None:
     """Move a request along the transition table, with a transition row and an audit entry."""
     current = State(request.state)
     check_transition(current, new)
@@ -45,12 +51,27 @@ def advance(session: Session, request: RequestRow, new: State, *, reason: str | 
     request.updated_at = now
     if new in (State.DONE, State.EXPIRED, State.CANCELLED):
         request.completed_at = now
-    session.add(TransitionRow(request_id=request.id, from_state=current.value, to_state=new.value,
-                              reason=reason, at=now))
-    audit.record(session, "request_state_changed", request_id=request.id, actor=actor,
-                 from_state=current.value, to_state=new.value, reason=reason)
-    log.info("request_state_changed", request_id=request.id, from_state=current.value,
-             to_state=new.value)
+    session.add(
+        TransitionRow(
+            request_id=request.id,
+            from_state=current.value,
+            to_state=new.value,
+            reason=reason,
+            at=now,
+        )
+    )
+    audit.record(
+        session,
+        "request_state_changed",
+        request_id=request.id,
+        actor=actor,
+        from_state=current.value,
+        to_state=new.value,
+        reason=reason,
+    )
+    log.info(
+        "request_state_changed", request_id=request.id, from_state=current.value, to_state=new.value
+    )
 
 
 def touch(request: RequestRow) -> None:
@@ -72,32 +93,45 @@ def payload_of(app: App, request: RequestRow) -> dict[str, Any]:
     return value
 
 
-def identity_of(app: App, request: RequestRow,
-                discovered: Mapping[str, str] | None = None) -> Identity:
+def identity_of(
+    app: App, request: RequestRow, discovered: Mapping[str, str] | None = None
+) -> Identity:
     s = subject_of(app, request)
     ids = dict(discovered or {})
     ids.update(s.get("product_ids") or {})  # what the person told us wins
     return Identity(email=s["email"], name=s.get("name"), phone=s.get("phone"), product_ids=ids)
 
 
-def queue_notification(app: App, session: Session, request: RequestRow, event: str,
-                       template: str, context: Mapping[str, Any]) -> str | None:
+def queue_notification(
+    app: App,
+    session: Session,
+    request: RequestRow,
+    event: str,
+    template: str,
+    context: Mapping[str, Any],
+) -> str | None:
     """Add an email to the notification outbox, once per (request, event)."""
     existing = session.execute(
-        select(NotificationRow.id).where(NotificationRow.request_id == request.id,
-                                         NotificationRow.event == event)
+        select(NotificationRow.id).where(
+            NotificationRow.request_id == request.id, NotificationRow.event == event
+        )
     ).scalar()
     if existing is not None:
         return None
     email = subject_of(app, request)["email"]
     note_id = str(uuid.uuid4())
     ring = app.keys.ring
-    session.add(NotificationRow(
-        id=note_id, request_id=request.id, event=event, template=template,
-        recipient_enc=ring.encrypt(email.encode(), context=note_id.encode()),
-        context_enc=ring.encrypt_json(dict(context), context=note_id.encode()),
-        message_id=f"<{note_id}@privacy.allego.example>",
-    ))
+    session.add(
+        NotificationRow(
+            id=note_id,
+            request_id=request.id,
+            event=event,
+            template=template,
+            recipient_enc=ring.encrypt(email.encode(), context=note_id.encode()),
+            context_enc=ring.encrypt_json(dict(context), context=note_id.encode()),
+            message_id=f"<{note_id}@privacy.allego.example>",
+        )
+    )
     session.flush()
     return note_id
 

@@ -99,6 +99,9 @@ class Settings:
             scheduler_interval_seconds=_int(
                 env, "PRIVACY_SCHEDULER_INTERVAL", cls.scheduler_interval_seconds
             ),
-            log_format=env.get("PRIVACY_LOG_FORMAT", "json" if env.get("PRIVACY_ENV") == "production" else "console"),
+            log_format=env.get(
+                "PRIVACY_LOG_FORMAT",
+                "json" if env.get("PRIVACY_ENV") == "production" else "console",
+            ),
             max_document_bytes=_int(env, "PRIVACY_MAX_DOCUMENT_BYTES", cls.max_document_bytes),
         )

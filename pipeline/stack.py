@@ -34,12 +34,17 @@ class LocalStack:
         self._logs.append(out)
         env = {**os.environ, **self.env}
         self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def start(self) -> LocalStack:
-        self._spawn("worker", "worker", "--processes", str(self.processes),
-                    "--threads", str(self.threads))
+        self._spawn(
+            "worker", "worker", "--processes", str(self.processes), "--threads", str(self.threads)
+        )
         if self.scheduler:
             self._spawn("scheduler", "scheduler")
         if self.web:

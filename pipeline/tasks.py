@@ -66,22 +66,29 @@ def backoff_ms(app: App, attempt: int) -> int:
 
 def ensure_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> StoreTaskRow:
     task = uow.session.execute(
-        select(StoreTaskRow).where(StoreTaskRow.request_id == request_id,
-                                   StoreTaskRow.store == store, StoreTaskRow.phase == phase)
+        select(StoreTaskRow).where(
+            StoreTaskRow.request_id == request_id,
+            StoreTaskRow.store == store,
+            StoreTaskRow.phase == phase,
+        )
     ).scalar_one_or_none()
     if task is None:
-        task = StoreTaskRow(request_id=request_id, store=store, phase=phase, status="pending",
-                            attempts=0)
+        task = StoreTaskRow(
+            request_id=request_id, store=store, phase=phase, status="pending", attempts=0
+        )
         uow.session.add(task)
         uow.session.flush()
     return task
 
 
 def tasks_of(uow: UnitOfWork, request_id: str, phase: str) -> list[StoreTaskRow]:
-    return list(uow.session.execute(
-        select(StoreTaskRow).where(StoreTaskRow.request_id == request_id,
-                                   StoreTaskRow.phase == phase).order_by(StoreTaskRow.store)
-    ).scalars())
+    return list(
+        uow.session.execute(
+            select(StoreTaskRow)
+            .where(StoreTaskRow.request_id == request_id, StoreTaskRow.phase == phase)
+            .order_by(StoreTaskRow.store)
+        ).scalars()
+    )
 
 
 def discovered_ids(app: App, uow: UnitOfWork, request_id: str) -> dict[str, str]:
@@ -99,17 +106,31 @@ def _fail(uow: UnitOfWork, request: RequestRow, task: StoreTaskRow, reason: str)
     task.status = "failed"
     task.last_error = reason
     task.updated_at = utcnow()
-    audit.record(uow.session, "store_task_failed", request_id=request.id, store=task.store,
-                 phase=task.phase, attempts=task.attempts, reason=reason)
+    audit.record(
+        uow.session,
+        "store_task_failed",
+        request_id=request.id,
+        store=task.store,
+        phase=task.phase,
+        attempts=task.attempts,
+        reason=reason,
+    )
     if State.NEEDS_ATTENTION in TRANSITIONS[State(request.state)]:
         words = PHASE_WORDS[task.phase]
-        advance(uow.session, request, State.NEEDS_ATTENTION,
-                reason=f"{words} store {task.store!r} failed after {task.attempts} "
-                       f"attempt(s): {reason}")
+        advance(
+            uow.session,
+            request,
+            State.NEEDS_ATTENTION,
+            reason=f"{words} store {task.store!r} failed after {task.attempts} "
+            f"attempt(s): {reason}",
+        )
 
 
 def run_store_task(
-    app: App, request_id: str, store: str, phase: str,
+    app: App,
+    request_id: str,
+    store: str,
+    phase: str,
     work: Callable[[Connector, Identity, RequestRow], TaskOutcome],
     on_all_done: Callable[[UnitOfWork, RequestRow], None],
 ) -> None:
@@ -118,17 +139,23 @@ def run_store_task(
         request = load(uow.session, request_id)
         task = ensure_task(uow, request_id, store, phase)
         if task.status != "pending" or request.state != expected.value:
-            log.info("store_task_skipped", request_id=request_id, store=store, phase=phase,
-                     status=task.status, state=request.state)
+            log.info(
+                "store_task_skipped",
+                request_id=request_id,
+                store=store,
+                phase=phase,
+                status=task.status,
+                state=request.state,
+            )
             return
         task.attempts += 1
         task.updated_at = utcnow()
         attempt = task.attempts
-        identity = identity_of(app, request, discovered_ids(app, uow, request_id)
-                               if phase != "locate" else None)
+        identity = identity_of(
+            app, request, discovered_ids(app, uow, request_id) if phase != "locate" else None
+        )
         snapshot = request
-    log.info("store_task_started", request_id=request_id, store=store, phase=phase,
-             attempt=attempt)
+    log.info("store_task_started", request_id=request_id, store=store, phase=phase, attempt=attempt)
     connector = app.connectors.get(store)
     error: str | None = None
     outcome: TaskOutcome | None = None
@@ -139,8 +166,14 @@ def run_store_task(
             outcome = work(connector, identity, snapshot)
         except Exception as exc:
             error = describe(exc)
-            log.warning("store_task_errored", request_id=request_id, store=store, phase=phase,
-                        attempt=attempt, error=error)
+            log.warning(
+                "store_task_errored",
+                request_id=request_id,
+                store=store,
+                phase=phase,
+                attempt=attempt,
+                error=error,
+            )
     with UnitOfWork(app) as uow:
         request = load(uow.session, request_id)
         task = ensure_task(uow, request_id, store, phase)
@@ -152,8 +185,15 @@ def run_store_task(
             if attempt >= app.settings.store_max_attempts:
                 _fail(uow, request, task, error)
                 return
-            audit.record(uow.session, "store_task_retried", request_id=request_id, store=store,
-                         phase=phase, attempt=attempt, reason=error)
+            audit.record(
+                uow.session,
+                "store_task_retried",
+                request_id=request_id,
+                store=store,
+                phase=phase,
+                attempt=attempt,
+                reason=error,
+            )
         else:
             assert outcome is not None
             if outcome.failed_for_good:
@@ -162,11 +202,17 @@ def run_store_task(
             task.status = "done"
             task.result = outcome.result
             if outcome.detail is not None:
-                task.detail_enc = app.keys.ring.encrypt_json(outcome.detail,
-                                                             context=request_id.encode())
+                task.detail_enc = app.keys.ring.encrypt_json(
+                    outcome.detail, context=request_id.encode()
+                )
             task.completed_at = task.updated_at = utcnow()
-            audit.record(uow.session, f"store_{phase}_completed", request_id=request_id,
-                         store=store, **outcome.result)
+            audit.record(
+                uow.session,
+                f"store_{phase}_completed",
+                request_id=request_id,
+                store=store,
+                **outcome.result,
+            )
             for action, detail in outcome.events:
                 audit.record(uow.session, action, request_id=request_id, store=store, **detail)
             log.info("store_task_completed", request_id=request_id, store=store, phase=phase)

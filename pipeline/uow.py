@@ -33,8 +33,12 @@ class UnitOfWork:
         if row_id is not None:
             self._sent.append(row_id)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if exc_type is None:
                 self.session.commit()
@@ -46,5 +50,6 @@ class UnitOfWork:
             try:
                 outbox.publish_pending(self.app.sessions, self.app.bus, ids=self._sent)
             except Exception as error:  # the scheduler's relay publishes it later
-                log.warning("outbox_publish_deferred", error=type(error).__name__,
-                            count=len(self._sent))
+                log.warning(
+                    "outbox_publish_deferred", error=type(error).__name__, count=len(self._sent)
+                )

@@ -64,25 +64,51 @@ def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
         if not needs_verification(kind) or request.verified_by:
             request.verified_by = request.verified_by or "not_required"
             request.verified_at = request.verified_at or now
-            advance(uow.session, request, State.VERIFIED,
-                    reason="verified by signed assertion" if request.verified_by.startswith(
-                        "assertion:") else "no verification needed for this request type")
+            advance(
+                uow.session,
+                request,
+                State.VERIFIED,
+                reason="verified by signed assertion"
+                if request.verified_by.startswith("assertion:")
+                else "no verification needed for this request type",
+            )
             send_on(uow, request)
             return
         token = secrets.token_urlsafe(32)
-        signed = app.keys.signer(_PURPOSE).sign(f"{request.id}:{token}",
-                                                ttl_seconds=app.settings.verify_ttl_seconds,
-                                                now=now.timestamp())
+        signed = app.keys.signer(_PURPOSE).sign(
+            f"{request.id}:{token}",
+            ttl_seconds=app.settings.verify_ttl_seconds,
+            now=now.timestamp(),
+        )
         expires = now + timedelta(seconds=app.settings.verify_ttl_seconds)
-        uow.session.add(VerificationRow(id=str(uuid.uuid4()), request_id=request.id,
-                                        token_hash=_token_hash(signed), expires_at=expires,
-                                        created_at=now))
-        note = queue_notification(app, uow.session, request, "verification", "verification", {
-            "request_id": request.id, "type": request.type,
-            "link": f"{app.settings.base_url}/verify/{signed}", "expires_at": iso(expires),
-        })
-        advance(uow.session, request, State.AWAITING_VERIFICATION,
-                reason="confirmation link mailed to the address on the request")
+        uow.session.add(
+            VerificationRow(
+                id=str(uuid.uuid4()),
+                request_id=request.id,
+                token_hash=_token_hash(signed),
+                expires_at=expires,
+                created_at=now,
+            )
+        )
+        note = queue_notification(
+            app,
+            uow.session,
+            request,
+            "verification",
+            "verification",
+            {
+                "request_id": request.id,
+                "type": request.type,
+                "link": f"{app.settings.base_url}/verify/{signed}",
+                "expires_at": iso(expires),
+            },
+        )
+        advance(
+            uow.session,
+            request,
+            State.AWAITING_VERIFICATION,
+            reason="confirmation link mailed to the address on the request",
+        )
         if note:
             uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
 
@@ -148,22 +174,39 @@ def expire_due(app: App, *, now: datetime | None = None, limit: int = 200) -> in
     """Close requests whose link expired unconfirmed, and tell the person (R9)."""
     now = now or utcnow()
     with UnitOfWork(app) as uow:
-        ids = uow.session.execute(
-            select(RequestRow.id).join(VerificationRow, VerificationRow.request_id == RequestRow.id)
-            .where(RequestRow.state == State.AWAITING_VERIFICATION.value,
-                   VerificationRow.used_at.is_(None), VerificationRow.expires_at <= now)
-            .limit(limit)
-        ).scalars().all()
+        ids = (
+            uow.session.execute(
+                select(RequestRow.id)
+                .join(VerificationRow, VerificationRow.request_id == RequestRow.id)
+                .where(
+                    RequestRow.state == State.AWAITING_VERIFICATION.value,
+                    VerificationRow.used_at.is_(None),
+                    VerificationRow.expires_at <= now,
+                )
+                .limit(limit)
+            )
+            .scalars()
+            .all()
+        )
     for request_id in ids:
         with UnitOfWork(app) as uow:
             request = load(uow.session, request_id)
             if request.state != State.AWAITING_VERIFICATION.value:
                 continue
-            advance(uow.session, request, State.EXPIRED,
-                    reason="the person did not confirm the request in time")
-            note = queue_notification(app, uow.session, request, "verification_expired",
-                                      "verification_expired",
-                                      {"request_id": request.id, "type": request.type})
+            advance(
+                uow.session,
+                request,
+                State.EXPIRED,
+                reason="the person did not confirm the request in time",
+            )
+            note = queue_notification(
+                app,
+                uow.session,
+                request,
+                "verification_expired",
+                "verification_expired",
+                {"request_id": request.id, "type": request.type},
+            )
             if note:
                 uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
     return len(ids)

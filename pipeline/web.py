@@ -30,8 +30,9 @@ _STATUS = {"invalid": 404, "expired": 410, "used": 409}
 
 
 def _csrf_for(app: App, nonce: str, token: str) -> str:
-    return hmac.new(app.keys.signing_key, f"csrf|{nonce}|{token}".encode(),
-                    hashlib.sha256).hexdigest()
+    return hmac.new(
+        app.keys.signing_key, f"csrf|{nonce}|{token}".encode(), hashlib.sha256
+    ).hexdigest()
 
 
 def create_app(app: App) -> Flask:
@@ -44,7 +45,9 @@ def create_app(app: App) -> Flask:
         response.headers["Referrer-Policy"] = "no-referrer"  # tokens live in the URL
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"
+        )
         return response
 
     def refused(exc: LinkRefused) -> tuple[str, int]:
@@ -62,8 +65,14 @@ def create_app(app: App) -> Flask:
             return refused(exc)
         nonce = secrets.token_urlsafe(16)
         response = Response(render_template("web/confirm.html", csrf=_csrf_for(app, nonce, token)))
-        response.set_cookie(_CSRF_COOKIE, nonce, httponly=True, samesite="Strict",
-                            secure=app.settings.base_url.startswith("https"), max_age=3600)
+        response.set_cookie(
+            _CSRF_COOKIE,
+            nonce,
+            httponly=True,
+            samesite="Strict",
+            secure=app.settings.base_url.startswith("https"),
+            max_age=3600,
+        )
         return response
 
     @web.post("/verify/<token>")
@@ -93,15 +102,19 @@ def create_app(app: App) -> Flask:
             if export.expires_at <= utcnow():
                 return render_template("web/refused.html", kind="expired"), 410
             export.downloads += 1
-            audit.record(session, "export_downloaded", request_id=export.request_id,
-                         export_id=export.id)
+            audit.record(
+                session, "export_downloaded", request_id=export.request_id, export_id=export.id
+            )
             path, request_id = export.path, export.request_id
         from pathlib import Path
 
         chunks: Iterator[bytes] = archive.open_archive(app, Path(path))
         log.info("export_downloaded", request_id=request_id)
-        return Response(chunks, mimetype="application/zip", headers={
-            "Content-Disposition": f'attachment; filename="allego-data-{request_id}.zip"'})
+        return Response(
+            chunks,
+            mimetype="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="allego-data-{request_id}.zip"'},
+        )
 
     @web.errorhandler(404)
     def not_found(_exc: Exception) -> tuple[str, int]:
@@ -114,8 +127,13 @@ def serve(app: App) -> None:
     from waitress import serve as waitress_serve
 
     log.info("web_started", host=app.settings.web_host, port=app.settings.web_port)
-    waitress_serve(create_app(app), host=app.settings.web_host, port=app.settings.web_port,
-                   threads=8, ident="allego-privacy")
+    waitress_serve(
+        create_app(app),
+        host=app.settings.web_host,
+        port=app.settings.web_port,
+        threads=8,
+        ident="allego-privacy",
+    )
 
 
 __all__ = ["create_app", "serve", "abort"]

@@ -73,8 +73,14 @@ class InlineBus:
         return count
 
 
-def make_app(state_url: str, data_dir: Path, *, connectors: dict[str, Any] | None = None,
-             bus: InlineBus | None = None, **overrides: Any) -> App:
+def make_app(
+    state_url: str,
+    data_dir: Path,
+    *,
+    connectors: dict[str, Any] | None = None,
+    bus: InlineBus | None = None,
+    **overrides: Any,
+) -> App:
     overrides.setdefault("smtp_port", 1)
     settings = Settings(data_dir=data_dir, database_url=state_url, **overrides)
     app = App(settings, connectors_override=connectors)

@@ -54,8 +54,12 @@ def _retrying(fn: F) -> F:
         except (StoreRetry, MailRetry) as exc:
             raise dramatiq.Retry(str(exc), delay=exc.delay_ms) from exc
         except PermanentError as exc:
-            log.error("message_dropped", actor=fn.__name__, error=type(exc).__name__,
-                      reason=str(exc)[:300])
+            log.error(
+                "message_dropped",
+                actor=fn.__name__,
+                error=type(exc).__name__,
+                reason=str(exc)[:300],
+            )
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -89,8 +93,9 @@ def locate_request(request_id: str) -> None:
     locate.locate_request(app(), request_id)
 
 
-@dramatiq.actor(actor_name=topology.LOCATE_STORE_ACTOR, queue_name=topology.STORE_QUEUE,
-                **_permanent)
+@dramatiq.actor(
+    actor_name=topology.LOCATE_STORE_ACTOR, queue_name=topology.STORE_QUEUE, **_permanent
+)
 @_retrying
 def locate_store(request_id: str, store: str) -> None:
     locate.locate_store(app(), request_id, store)
@@ -102,15 +107,15 @@ def act_on_request(request_id: str) -> None:
     actions.act_on_request(app(), request_id)
 
 
-@dramatiq.actor(actor_name=topology.ACT_STORE_ACTOR, queue_name=topology.STORE_QUEUE,
-                **_permanent)
+@dramatiq.actor(actor_name=topology.ACT_STORE_ACTOR, queue_name=topology.STORE_QUEUE, **_permanent)
 @_retrying
 def act_on_store(request_id: str, store: str) -> None:
     actions.act_on_store(app(), request_id, store)
 
 
-@dramatiq.actor(actor_name=topology.RECHECK_STORE_ACTOR, queue_name=topology.STORE_QUEUE,
-                **_permanent)
+@dramatiq.actor(
+    actor_name=topology.RECHECK_STORE_ACTOR, queue_name=topology.STORE_QUEUE, **_permanent
+)
 @_retrying
 def recheck_store(request_id: str, store: str) -> None:
     actions.recheck_store(app(), request_id, store)
@@ -128,8 +133,9 @@ def notify_outcome(request_id: str) -> None:
     notify.notify_outcome(app(), request_id)
 
 
-@dramatiq.actor(actor_name=topology.SEND_EMAIL_ACTOR, queue_name=topology.NOTIFY_QUEUE,
-                **_permanent)
+@dramatiq.actor(
+    actor_name=topology.SEND_EMAIL_ACTOR, queue_name=topology.NOTIFY_QUEUE, **_permanent
+)
 @_retrying
 def send_email(notification_id: str) -> None:
     notify.send_email(app(), notification_id)

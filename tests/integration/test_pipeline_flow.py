@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from connectors.base import Capability, StoreUnavailable
 from connectors.memory import MemoryConnector
 from pipeline import contract, verification
 from pipeline.audit import verify_chain
-from pipeline.db import AuditRow, NotificationRow, RequestRow, SuppressionRow
+from pipeline.db import NotificationRow
 from pipeline.intake import accept
 from pipeline.mailsink import MailSink
 from pipeline.status import describe_request
@@ -27,12 +26,29 @@ EMAIL = "dana.reyes@example.com"
 def stores() -> dict[str, MemoryConnector]:
     crm = MemoryConnector(
         "crm",
-        people=[{"id": "c1", "email": EMAIL, "name": "Dana Reyes", "phone": "+1 555 0100",
-                 "job_title": "AE", "contact_ok": True, "password_hash": "x"},
-                {"id": "c2", "email": "dana.reyes@example.org", "name": "Dana Reyes",
-                 "contact_ok": True}],
-        records={"notes": [{"id": "n1", "owner": "c1", "text": "called"},
-                           {"id": "n2", "owner": "c2", "text": "other person"}]},
+        people=[
+            {
+                "id": "c1",
+                "email": EMAIL,
+                "name": "Dana Reyes",
+                "phone": "+1 555 0100",
+                "job_title": "AE",
+                "contact_ok": True,
+                "password_hash": "x",
+            },
+            {
+                "id": "c2",
+                "email": "dana.reyes@example.org",
+                "name": "Dana Reyes",
+                "contact_ok": True,
+            },
+        ],
+        records={
+            "notes": [
+                {"id": "n1", "owner": "c1", "text": "called"},
+                {"id": "n2", "owner": "c2", "text": "other person"},
+            ]
+        },
     )
     billing = MemoryConnector(
         "billing",
@@ -50,9 +66,15 @@ def sink(tmp_path: Path):
 
 
 def document(kind: str, request_id: str, **extra) -> dict:
-    doc = {"schema": contract.SCHEMA_ID, "request_id": request_id, "type": kind,
-           "subject": {"email": EMAIL, "name": "Dana Reyes"}, "jurisdiction": "gdpr",
-           "received_at": "2026-11-20T10:00:00Z", "channel": "web"}
+    doc = {
+        "schema": contract.SCHEMA_ID,
+        "request_id": request_id,
+        "type": kind,
+        "subject": {"email": EMAIL, "name": "Dana Reyes"},
+        "jurisdiction": "gdpr",
+        "received_at": "2026-11-20T10:00:00Z",
+        "channel": "web",
+    }
     doc.update(extra)
     return doc
 
@@ -60,8 +82,9 @@ def document(kind: str, request_id: str, **extra) -> dict:
 def build(state_url, tmp_path, sink, **kw):
     bus = InlineBus()
     conns = kw.pop("connectors", None) or stores()
-    app = make_app(state_url, tmp_path / "data", connectors=conns, bus=bus, smtp_port=sink.port,
-                   **kw)
+    app = make_app(
+        state_url, tmp_path / "data", connectors=conns, bus=bus, smtp_port=sink.port, **kw
+    )
     return app, bus, conns
 
 
@@ -84,9 +107,11 @@ def test_access_request_goes_from_intake_to_done_with_an_archive(state_url, tmp_
     assert info["state"] == "done", info
     assert info["export"]["size"] > 0
     subjects = sorted(m["Subject"] for m in sink.messages())
-    assert subjects == ["Please confirm your privacy request",
-                        "We received your privacy request (access)",
-                        "Your Allego data is ready to download"]
+    assert subjects == [
+        "Please confirm your privacy request",
+        "We received your privacy request (access)",
+        "Your Allego data is ready to download",
+    ]
     with app.sessions() as s:
         assert verify_chain(s).intact
 
@@ -114,9 +139,14 @@ def test_a_store_that_keeps_failing_leaves_the_request_needing_attention(state_u
     conns = stores()
     conns["crm"].down = True
     app, bus, _ = build(state_url, tmp_path, sink, connectors=conns)
-    token = contract.sign_assertion(app.keys.intake_keys["allego-app"], request_id="r-opt",
-                                    kind="opt_out", email=EMAIL, system="allego-app",
-                                    expires_at=datetime.now(UTC) + timedelta(hours=1))
+    token = contract.sign_assertion(
+        app.keys.intake_keys["allego-app"],
+        request_id="r-opt",
+        kind="opt_out",
+        email=EMAIL,
+        system="allego-app",
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+    )
     accept(app, document("opt_out", "r-opt", verification=token))
     bus.drain()
     info = describe_request(app, "r-opt")

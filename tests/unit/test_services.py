@@ -12,9 +12,15 @@ import pytest
 
 from pipeline.services import RedisUnavailableError, ensure_redis, redis_answers
 
-needs_redis_server = pytest.mark.skipif(
-    shutil.which("redis-server") is None, reason="redis-server is not installed"
-)
+@pytest.fixture
+def redis_server_binary() -> str:
+    """./dev services installs redis-server; its absence is a failure, never a skip."""
+    path = shutil.which("redis-server")
+    assert path, "redis-server is not installed: run ./dev services"
+    return path
+
+
+needs_redis_server = pytest.mark.usefixtures("redis_server_binary")
 
 
 def _free_port() -> int:
