@@ -178,6 +178,8 @@ def parse(
     request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else None
     try:
         _check_strings(doc)
+        if doc.get("schema") != SCHEMA_ID:  # another version cannot be judged by this one
+            raise InvalidRequest(f"schema must be {SCHEMA_ID!r}", code="unknown_schema")
         error = _best_error(doc)
         if error is not None:
             raise _explain(error)

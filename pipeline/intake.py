@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-def submit(doc: Mapping[str, Any] | str | bytes, *, bus: MessageBus | None = None) -> str:
+def submit(doc: Mapping[str, Any] | str | bytes | Any, *, bus: MessageBus | None = None) -> str:
     """Put a request document on the intake queue; returns the message id.
 
     Only enqueues: validation happens in the intake stage, so every intake path
@@ -44,7 +44,7 @@ def submit(doc: Mapping[str, Any] | str | bytes, *, bus: MessageBus | None = Non
         from pipeline.bootstrap import App
 
         bus = App.from_env().bus
-    payload = doc if isinstance(doc, Mapping) else _as_object(doc)
+    payload = _as_object(doc) if isinstance(doc, (str, bytes)) else doc
     envelope = Envelope(
         id=str(uuid.uuid4()),
         actor=topology.INTAKE_ACTOR,

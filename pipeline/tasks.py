@@ -64,14 +64,18 @@ def backoff_ms(app: App, attempt: int) -> int:
     return int(capped * random.uniform(0.8, 1.2))
 
 
-def ensure_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> StoreTaskRow:
-    task = uow.session.execute(
+def find_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> StoreTaskRow | None:
+    return uow.session.execute(
         select(StoreTaskRow).where(
             StoreTaskRow.request_id == request_id,
             StoreTaskRow.store == store,
             StoreTaskRow.phase == phase,
         )
     ).scalar_one_or_none()
+
+
+def ensure_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> StoreTaskRow:
+    task = find_task(uow, request_id, store, phase)
     if task is None:
         task = StoreTaskRow(
             request_id=request_id, store=store, phase=phase, status="pending", attempts=0
@@ -137,14 +141,15 @@ def run_store_task(
     expected = PHASE_STATE[phase]
     with UnitOfWork(app) as uow:
         request = load(uow.session, request_id)
-        task = ensure_task(uow, request_id, store, phase)
-        if task.status != "pending" or request.state != expected.value:
+        task = find_task(uow, request_id, store, phase)
+        if task is None or task.status != "pending" or request.state != expected.value:
+            # a stray or repeated message: the fan-out never asked for it, or it is done
             log.info(
                 "store_task_skipped",
                 request_id=request_id,
                 store=store,
                 phase=phase,
-                status=task.status,
+                status=task.status if task else "absent",
                 state=request.state,
             )
             return
@@ -176,8 +181,8 @@ def run_store_task(
             )
     with UnitOfWork(app) as uow:
         request = load(uow.session, request_id)
-        task = ensure_task(uow, request_id, store, phase)
-        if task.status != "pending":
+        task = find_task(uow, request_id, store, phase)
+        if task is None or task.status != "pending":
             return
         if error is not None:
             task.last_error = error

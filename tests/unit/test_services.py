@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.services import RedisUnavailableError, ensure_redis, redis_answers
 
+
 @pytest.fixture
 def redis_server_binary() -> str:
     """./dev services installs redis-server; its absence is a failure, never a skip."""

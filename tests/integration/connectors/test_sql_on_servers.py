@@ -41,7 +41,9 @@ def server(request: pytest.FixtureRequest, data: DemoData) -> Iterator[dict[str,
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.OperationalError as exc:
         admin.dispose()
-        pytest.fail(f"{request.param} is not running on 127.0.0.1 (./dev services starts it): {exc}")
+        pytest.fail(
+            f"{request.param} is not running on 127.0.0.1 (./dev services starts it): {exc}"
+        )
     prefix = f"ap_{uuid.uuid4().hex[:10]}"
     schemas = {store: f"{prefix}_{store}" for store in SQL_STORES}
     quote = admin.dialect.identifier_preparer.quote
