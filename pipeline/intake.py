@@ -24,7 +24,7 @@ from pipeline.contract import IntakeDocument
 from pipeline.db import RejectionRow, RequestRow, TransitionRow, transaction
 from pipeline.errors import ConflictingRequest, InvalidRequest
 from pipeline.outbox import Envelope, MessageBus
-from pipeline.requests import iso, queue_notification
+from pipeline.requests import iso, notify_person
 from pipeline.states import TERMINAL, RequestType, State, needs_verification
 from pipeline.uow import UnitOfWork
 
@@ -168,9 +168,9 @@ def _store(
             linked_to=linked,
             verified_by=verified_by,
         )
-        note = queue_notification(
+        notify_person(
             app,
-            session,
+            uow,
             request,
             "acknowledgement",
             "acknowledgement",
@@ -185,8 +185,6 @@ def _store(
                 "jurisdiction": request.jurisdiction,
             },
         )
-        if note:
-            uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
         uow.send(f"{request.id}:verify", topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, request.id)
     log.info(
         "request_accepted", request_id=doc.request_id, type=doc.type.value, linked=bool(linked)

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from sqlalchemy import select
 
-from pipeline import audit, topology
+from pipeline import audit
 from pipeline.db import CaseRow, ExportRow, NotificationRow, RequestRow, utcnow
 from pipeline.errors import MailUnavailable, UnknownRequest
-from pipeline.requests import advance, iso, load, queue_notification
+from pipeline.requests import advance, iso, load, notify_person
 from pipeline.states import RequestType, State
 from pipeline.tasks import tasks_of
 from pipeline.uow import UnitOfWork
@@ -119,13 +119,9 @@ def notify_outcome(app: App, request_id: str) -> None:
         if request.state != State.NOTIFYING.value:
             return
         context = outcome_context(app, uow, request)
-        note = queue_notification(
-            app, uow.session, request, "outcome", f"outcome_{request.type}", context
-        )
+        notify_person(app, uow, request, "outcome", f"outcome_{request.type}", context)
         request.outcome = _summary(context)
         advance(uow.session, request, State.DONE, reason="outcome mailed to the person")
-        if note:
-            uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
 
 
 def send_email(app: App, notification_id: str) -> None:
@@ -202,13 +198,11 @@ def close_case(app: App, request_id: str, reply: str, *, actor: str) -> None:
         audit.record(
             uow.session, "case_closed", request_id=request_id, actor=actor, case_id=case.id
         )
-        note = queue_notification(
+        notify_person(
             app,
-            uow.session,
+            uow,
             request,
             "case_reply",
             "case_reply",
             {"request_id": request_id, "case_id": case.id, "reply": reply},
         )
-        if note:
-            uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)

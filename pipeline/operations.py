@@ -15,7 +15,7 @@ from sqlalchemy import select
 from pipeline import audit, policy, topology
 from pipeline.db import NotificationRow, StoreTaskRow, utcnow
 from pipeline.errors import InvalidTransition, UnknownRequest
-from pipeline.requests import advance, iso, load, queue_notification
+from pipeline.requests import advance, iso, load, notify_person
 from pipeline.states import Jurisdiction, State
 from pipeline.uow import UnitOfWork
 
@@ -114,9 +114,9 @@ def extend_deadline(
             to_due=iso(new_due),
             reason=reason,
         )
-        note = queue_notification(
+        notify_person(
             app,
-            uow.session,
+            uow,
             request,
             f"extension:{iso(new_due)}",
             "extension",
@@ -127,8 +127,6 @@ def extend_deadline(
                 "reason": reason,
             },
         )
-        if note:
-            uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
 
 
 def cancel_request(app: App, request_id: str, reason: str, *, actor: str) -> None:
@@ -157,9 +155,5 @@ def resend_notification(app: App, request_id: str, event: str, *, actor: str) ->
                 )
             )
         )
-        new = queue_notification(
-            app, uow.session, request, f"{event}:resend:{count}", note.template, context
-        )
+        notify_person(app, uow, request, f"{event}:resend:{count}", note.template, context)
         audit.record(uow.session, "email_resent", request_id=request_id, actor=actor, event=event)
-        if new:
-            uow.send(f"mail:{new}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, new)

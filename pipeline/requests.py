@@ -12,13 +12,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from connectors.base import Identity
-from pipeline import audit
+from pipeline import audit, topology
 from pipeline.db import NotificationRow, RequestRow, TransitionRow, utcnow
 from pipeline.errors import UnknownRequest
 from pipeline.states import State, check_transition
 
 if TYPE_CHECKING:
     from pipeline.bootstrap import App
+    from pipeline.uow import UnitOfWork
 
 log = structlog.get_logger()
 
@@ -102,15 +103,17 @@ def identity_of(
     return Identity(email=s["email"], name=s.get("name"), phone=s.get("phone"), product_ids=ids)
 
 
-def queue_notification(
+def notify_person(
     app: App,
-    session: Session,
+    uow: UnitOfWork,
     request: RequestRow,
     event: str,
     template: str,
     context: Mapping[str, Any],
 ) -> str | None:
-    """Add an email to the notification outbox, once per (request, event)."""
+    """Queue an email to the person, once per (request, event), and ask for its sending
+    in the same commit. Returns the notification id, or None if it was queued before."""
+    session = uow.session
     existing = session.execute(
         select(NotificationRow.id).where(
             NotificationRow.request_id == request.id, NotificationRow.event == event
@@ -133,6 +136,7 @@ def queue_notification(
         )
     )
     session.flush()
+    uow.send(f"mail:{note_id}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note_id)
     return note_id
 
 

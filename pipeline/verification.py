@@ -22,7 +22,7 @@ from pipeline import audit, topology
 from pipeline.crypto import BadSignature, Expired
 from pipeline.db import RequestRow, VerificationRow, utcnow
 from pipeline.errors import PermanentError
-from pipeline.requests import advance, iso, load, queue_notification
+from pipeline.requests import advance, iso, load, notify_person
 from pipeline.states import RequestType, State, needs_locate, needs_verification
 from pipeline.uow import UnitOfWork
 
@@ -90,9 +90,9 @@ def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
                 created_at=now,
             )
         )
-        note = queue_notification(
+        notify_person(
             app,
-            uow.session,
+            uow,
             request,
             "verification",
             "verification",
@@ -109,8 +109,6 @@ def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
             State.AWAITING_VERIFICATION,
             reason="confirmation link mailed to the address on the request",
         )
-        if note:
-            uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
 
 
 def inspect(app: App, token: str, *, now: datetime | None = None) -> str:
@@ -199,14 +197,12 @@ def expire_due(app: App, *, now: datetime | None = None, limit: int = 200) -> in
                 State.EXPIRED,
                 reason="the person did not confirm the request in time",
             )
-            note = queue_notification(
+            notify_person(
                 app,
-                uow.session,
+                uow,
                 request,
                 "verification_expired",
                 "verification_expired",
                 {"request_id": request.id, "type": request.type},
             )
-            if note:
-                uow.send(f"mail:{note}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note)
     return len(ids)
