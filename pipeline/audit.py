@@ -54,11 +54,20 @@ def record(
     actor: str = "system",
     **detail: Any,
 ) -> AuditRow:
-    """Append an entry in the caller's transaction, chained to the current head."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHAIN_LOCK})
-    head = session.execute(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)).scalar()
-    prev = head or GENESIS
+    """Append an entry in the caller's transaction, chained to the current head.
+
+    The head is read once per transaction, under the chain lock (PostgreSQL advisory
+    lock; SQLite's write lock), and then followed in memory for further entries.
+    """
+    transaction = session.get_transaction()
+    cached = session.info.get("audit_head")
+    if cached is not None and cached[0] is transaction:
+        prev = cached[1]
+    else:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHAIN_LOCK})
+        head = session.execute(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)).scalar()
+        prev = head or GENESIS
     at = utcnow()
     clean = json.loads(json.dumps(detail, default=str))
     row = AuditRow(
@@ -72,6 +81,7 @@ def record(
     )
     session.add(row)
     session.flush()
+    session.info["audit_head"] = (transaction, row.hash)
     return row
 
 

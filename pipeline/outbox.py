@@ -40,61 +40,67 @@ class MessageBus(Protocol):
     def publish(self, envelope: Envelope) -> None: ...
 
 
-def add(session: Session, *, key: str, actor: str, queue: str, args: Sequence[Any]) -> str | None:
-    """Ask for a message once per key; returns the new row's id, or None if already asked."""
+def add(
+    session: Session, *, key: str, actor: str, queue: str, args: Sequence[Any]
+) -> Envelope | None:
+    """Ask for a message once per key; returns its envelope, or None if already asked."""
     existing = session.execute(select(OutboxRow.id).where(OutboxRow.key == key)).scalar()
     if existing is not None:
         return None
     row = OutboxRow(id=str(uuid.uuid4()), key=key, actor=actor, queue=queue, args=list(args))
     session.add(row)
     session.flush()
-    return row.id
+    return Envelope(id=row.id, actor=actor, queue=queue, args=tuple(args))
+
+
+def publish(factory: sessionmaker[Session], bus: MessageBus, envelopes: Sequence[Envelope]) -> int:
+    """Publish committed envelopes, then mark them published in one statement.
+
+    If publishing stops half way, what was sent is still marked and the error goes up:
+    the rest stays unpublished for the relay.
+    """
+    sent: list[str] = []
+    try:
+        for envelope in envelopes:
+            bus.publish(envelope)
+            sent.append(envelope.id)
+    finally:
+        if sent:
+            with transaction(factory) as session:
+                session.execute(
+                    update(OutboxRow)
+                    .where(OutboxRow.id.in_(sent))
+                    .values(published_at=utcnow(), publish_count=OutboxRow.publish_count + 1)
+                )
+    return len(sent)
 
 
 def publish_pending(
     factory: sessionmaker[Session],
     bus: MessageBus,
     *,
-    ids: Sequence[str] | None = None,
-    older_than: timedelta | None = None,
+    older_than: timedelta,
     limit: int = 500,
 ) -> int:
-    """Publish unpublished outbox rows (the given ones, or all older than a moment)."""
+    """The relay: publish rows committed a while ago and never published (a crash between
+    commit and publish, or a broker that was down)."""
     with transaction(factory) as session:
-        query = select(OutboxRow).where(OutboxRow.published_at.is_(None))
-        if ids is not None:
-            if not ids:
-                return 0
-            query = query.where(OutboxRow.id.in_(ids))
-        if older_than is not None:
-            query = query.where(OutboxRow.created_at <= utcnow() - older_than)
-        rows = session.execute(query.order_by(OutboxRow.created_at).limit(limit)).scalars().all()
-        pending = [(r.id, r.actor, r.queue, tuple(r.args)) for r in rows]
-    sent = 0
-    for row_id, actor, queue, args in pending:
-        bus.publish(Envelope(id=row_id, actor=actor, queue=queue, args=args))
-        with transaction(factory) as session:
+        rows = (
             session.execute(
-                update(OutboxRow)
-                .where(OutboxRow.id == row_id)
-                .values(published_at=utcnow(), publish_count=OutboxRow.publish_count + 1)
+                select(OutboxRow)
+                .where(
+                    OutboxRow.published_at.is_(None), OutboxRow.created_at <= utcnow() - older_than
+                )
+                .order_by(OutboxRow.created_at)
+                .limit(limit)
             )
-        sent += 1
-    if sent:
-        log.debug("outbox_published", count=sent)
-    return sent
-
-
-def republish(factory: sessionmaker[Session], bus: MessageBus, key: str) -> bool:
-    """Send an already-published message again (recovery after the broker lost it)."""
-    with transaction(factory) as session:
-        row = session.execute(select(OutboxRow).where(OutboxRow.key == key)).scalar_one_or_none()
-        if row is None:
-            return False
-        envelope = Envelope(
-            id=str(uuid.uuid4()), actor=row.actor, queue=row.queue, args=tuple(row.args)
+            .scalars()
+            .all()
         )
-        row.published_at = utcnow()
-        row.publish_count += 1
-    bus.publish(envelope)
-    return True
+        pending = [
+            Envelope(id=r.id, actor=r.actor, queue=r.queue, args=tuple(r.args)) for r in rows
+        ]
+    sent = publish(factory, bus, pending)
+    if sent:
+        log.info("outbox_relayed", count=sent)
+    return sent

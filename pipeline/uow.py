@@ -9,6 +9,7 @@ import structlog
 from sqlalchemy.orm import Session
 
 from pipeline import outbox
+from pipeline.outbox import Envelope
 
 if TYPE_CHECKING:
     from pipeline.bootstrap import App
@@ -19,7 +20,7 @@ log = structlog.get_logger()
 class UnitOfWork:
     def __init__(self, app: App):
         self.app = app
-        self._sent: list[str] = []
+        self._sent: list[Envelope] = []
         self.session: Session
 
     def __enter__(self) -> UnitOfWork:
@@ -29,9 +30,9 @@ class UnitOfWork:
 
     def send(self, key: str, actor: str, queue: str, *args: Any) -> None:
         """Ask for a message, once per key, in this transaction."""
-        row_id = outbox.add(self.session, key=key, actor=actor, queue=queue, args=args)
-        if row_id is not None:
-            self._sent.append(row_id)
+        envelope = outbox.add(self.session, key=key, actor=actor, queue=queue, args=args)
+        if envelope is not None:
+            self._sent.append(envelope)
 
     def __exit__(
         self,
@@ -48,7 +49,7 @@ class UnitOfWork:
             self.session.close()
         if exc_type is None and self._sent:
             try:
-                outbox.publish_pending(self.app.sessions, self.app.bus, ids=self._sent)
+                outbox.publish(self.app.sessions, self.app.bus, self._sent)
             except Exception as error:  # the scheduler's relay publishes it later
                 log.warning(
                     "outbox_publish_deferred", error=type(error).__name__, count=len(self._sent)

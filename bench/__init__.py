@@ -1,0 +1,1 @@
+"""Benchmarks for the privacy-request pipeline (see bench/README.md)."""
