@@ -311,7 +311,9 @@ def check_assertion(doc: IntakeDocument, intake_keys: Mapping[str, bytes], now: 
     key = intake_keys.get(a.system)
     if key is None:
         raise InvalidRequest(
-            "verification.system is not a known intake system", code="bad_assertion"
+            "verification.system is not a known intake system",
+            code="bad_assertion",
+            request_id=doc.request_id,
         )
     raw_expiry = doc.raw["verification"]["expires_at"]
     expected = hmac.new(
@@ -323,11 +325,19 @@ def check_assertion(doc: IntakeDocument, intake_keys: Mapping[str, bytes], now: 
     try:
         given_raw = base64.urlsafe_b64decode(given)
     except ValueError as exc:
-        raise InvalidRequest("verification.signature is not valid", code="bad_assertion") from exc
+        raise InvalidRequest(
+            "verification.signature is not valid", code="bad_assertion", request_id=doc.request_id
+        ) from exc
     if not hmac.compare_digest(expected, given_raw):
-        raise InvalidRequest("verification.signature does not match", code="bad_assertion")
+        raise InvalidRequest(
+            "verification.signature does not match",
+            code="bad_assertion",
+            request_id=doc.request_id,
+        )
     if a.expires_at <= now:
-        raise InvalidRequest("verification has expired", code="expired_assertion")
+        raise InvalidRequest(
+            "verification has expired", code="expired_assertion", request_id=doc.request_id
+        )
     return a.system
 
 

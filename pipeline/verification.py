@@ -159,6 +159,23 @@ def _row(uow: UnitOfWork, token: str) -> VerificationRow:
     return row
 
 
+def record_failed_attempt(app: App, token: str) -> None:
+    """A confirmation that failed its form check counts against the link (R9): after
+    `verify_max_attempts` the link is dead, and the request expires unconfirmed."""
+    with UnitOfWork(app) as uow:
+        row = uow.session.execute(
+            select(VerificationRow).where(VerificationRow.token_hash == _token_hash(token))
+        ).scalar_one_or_none()
+        if row is None or row.used_at is not None:
+            return
+        row.attempts += 1
+        if row.attempts >= app.settings.verify_max_attempts:
+            row.expires_at = min(row.expires_at, utcnow())
+            audit.record(
+                uow.session, "verification_locked", request_id=row.request_id, attempts=row.attempts
+            )
+
+
 def _check_usable(row: VerificationRow, request_id: str, now: datetime) -> None:
     if row.request_id != request_id:
         raise LinkRefused("invalid", "this link is not valid")

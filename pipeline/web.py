@@ -22,7 +22,7 @@ from pipeline.bootstrap import App
 from pipeline.crypto import BadSignature, Expired
 from pipeline.db import ExportRow, transaction, utcnow
 from pipeline.notify import DOWNLOAD_PURPOSE
-from pipeline.verification import LinkRefused, confirm, inspect
+from pipeline.verification import LinkRefused, confirm, inspect, record_failed_attempt
 
 log = structlog.get_logger()
 _CSRF_COOKIE = "privacy_csrf"
@@ -80,6 +80,7 @@ def create_app(app: App) -> Flask:
         nonce = request.cookies.get(_CSRF_COOKIE, "")
         sent = request.form.get("csrf", "")
         if not nonce or not hmac.compare_digest(sent, _csrf_for(app, nonce, token)):
+            record_failed_attempt(app, token)
             return render_template("web/refused.html", kind="csrf"), 403
         try:
             confirm(app, token)

@@ -1,0 +1,238 @@
+"""Email (R3, invariant 4): every template renders, HTML escapes what people wrote,
+subjects cannot carry headers, and mail really goes out over SMTP, once per event."""
+
+from __future__ import annotations
+
+import socket
+from email import message_from_bytes, policy
+from importlib import resources
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from pipeline import notify
+from pipeline.db import AuditRow, NotificationRow
+from pipeline.errors import MailUnavailable
+from pipeline.intake import accept
+from pipeline.mail import Mailer, RenderedMail, Templates
+from pipeline.mailsink import MailSink
+from pipeline.settings import Settings
+from tests.conftest import make_app
+from tests.integration.support import EMAIL, QuietBus, document, notifications
+
+BASE = {
+    "request_id": "req-2026-0042",
+    "type": "access",
+    "received_at": "2026-11-20T10:00:00Z",
+    "due_at": "2026-12-20T10:00:00Z",
+}
+STORES = [
+    {"store": "Allego CRM", "records": 12, "files": 2},
+    {"store": "Billing", "records": 3, "files": 0},
+]
+CONTEXTS: dict[str, dict[str, Any]] = {
+    "acknowledgement": {**BASE, "verification": "email", "jurisdiction": "gdpr"},
+    "verification": {
+        **BASE,
+        "link": "https://privacy.allego.example/verify/abc.1790000000.def",
+        "expires_at": "2026-11-23T10:00:00Z",
+    },
+    "verification_expired": {**BASE, "type": "erase"},
+    "extension": {**BASE, "reason": "Your data is spread over nine products."},
+    "outcome_access": {
+        **BASE,
+        "link": "https://privacy.allego.example/download/xyz.1790000000.mac",
+        "expires_at": "2026-11-27T10:00:00Z",
+        "stores": STORES,
+        "searched": STORES,
+    },
+    "outcome_correct": {
+        **BASE,
+        "type": "correct",
+        "stores": [
+            {"store": "Allego CRM", "applied": ["name", "phone"], "not_held": [], "refused": None},
+            {"store": "Billing", "applied": [], "not_held": ["phone"], "refused": "name is locked"},
+        ],
+        "fields": ["name", "phone"],
+    },
+    "outcome_erase": {
+        **BASE,
+        "type": "erase",
+        "stores": [{"store": "Allego CRM", "deleted": 14, "anonymized": 3}],
+        "retained": [
+            {
+                "store": "Billing",
+                "collection": "invoices",
+                "count": 4,
+                "legal_basis": "Tax law requires keeping invoices",
+                "period": "10 years",
+            }
+        ],
+    },
+    "outcome_opt_out": {
+        **BASE,
+        "type": "opt_out",
+        "stores": [{"store": "Allego CRM", "updated": 1}],
+    },
+    "outcome_concern": {**BASE, "type": "concern", "case_id": "case-7"},
+    "case_reply": {**BASE, "type": "concern", "case_id": "case-7", "reply": "We stopped it."},
+}
+EXPECTED_TEXT = {
+    "acknowledgement": ["2026-12-20", "one month", "confirm", "free of charge"],
+    "verification": ["/verify/abc.1790000000.def", "2026-11-23 10:00"],
+    "verification_expired": ["erase request", "without disclosing or deleting"],
+    "extension": ["2026-12-20", "spread over nine products"],
+    "outcome_access": ["Allego CRM: 12 record(s), 2 file(s)", "/download/xyz", "2026-11-27"],
+    "outcome_correct": ["corrected name, phone", "not corrected: name is locked"],
+    "outcome_erase": ["14 deleted, 3 anonymized", "Tax law", "10 years"],
+    "outcome_opt_out": ["Allego CRM: contact preference turned off"],
+    "outcome_concern": ["case-7", "2026-12-20", "supervisory authority"],
+    "case_reply": ["We stopped it.", "supervisory authority"],
+}
+
+
+def template_names() -> set[str]:
+    folder = resources.files("pipeline").joinpath("templates/mail")
+    return {p.name[:-4] for p in folder.iterdir() if p.name.endswith(".txt")}
+
+
+def test_every_mail_template_has_a_realistic_test_context():
+    assert template_names() == set(CONTEXTS)
+
+
+@pytest.mark.parametrize("name", sorted(CONTEXTS))
+def test_every_template_renders_text_and_html(name):
+    mail = Templates().render(name, CONTEXTS[name])
+    assert mail.subject and "\n" not in mail.subject
+    assert not mail.text.startswith("Subject:")
+    assert "req-2026-0042" in mail.text and "req-2026-0042" in mail.html
+    assert mail.html.lstrip().startswith("<!doctype html>")
+    assert f"<title>{mail.subject}</title>" in mail.html.replace("&#39;", "'")
+    for expected in EXPECTED_TEXT[name]:
+        assert expected in mail.text, expected
+
+
+@pytest.mark.parametrize("name", sorted(CONTEXTS))
+def test_a_template_missing_a_value_fails_loudly_instead_of_sending_blanks(name):
+    context = dict(CONTEXTS[name])
+    del context["request_id"]
+    with pytest.raises(Exception, match="request_id"):
+        Templates().render(name, context)
+
+
+SCRIPT = "<script>alert('x')</script>"
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("case_reply", "reply"), ("extension", "reason"), ("outcome_erase", "retained")],
+)
+def test_what_people_or_stores_wrote_is_escaped_in_the_html(name, key):
+    context = dict(CONTEXTS[name])
+    if key == "retained":
+        context[key] = [{**context[key][0], "legal_basis": SCRIPT}]
+    else:
+        context[key] = f"Thanks. {SCRIPT} <b>bold</b>"
+    mail = Templates().render(name, context)
+    assert "<script>" not in mail.html and "<b>bold</b>" not in mail.html
+    assert "&lt;script&gt;" in mail.html
+    assert SCRIPT in mail.text  # plain text is shown as text, never interpreted
+
+
+def test_a_correction_refusal_from_a_store_is_escaped_in_the_html():
+    context = dict(CONTEXTS["outcome_correct"])
+    context["stores"] = [{"store": "CRM", "applied": [], "not_held": [], "refused": SCRIPT}]
+    assert "<script>" not in Templates().render("outcome_correct", context).html
+
+
+INJECTIONS = [
+    "access\r\nBcc: attacker@evil.example",
+    "access\nX-Injected: yes",
+    "access\rX-Injected: yes",
+    "opt_out\u2028X-Injected: yes",
+]
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+@pytest.mark.parametrize("name", ["acknowledgement", "extension", "verification_expired"])
+def test_a_subject_never_carries_a_line_break_whatever_the_context_holds(name, value):
+    mail = Templates().render(name, {**CONTEXTS[name], "type": value})
+    assert "\r" not in mail.subject and "\n" not in mail.subject
+    mailer = Mailer(Settings())
+    raw = mailer.build(EMAIL, mail, "<x@privacy.allego.example>").as_bytes()
+    parsed = message_from_bytes(raw, policy=policy.default)
+    assert parsed["Bcc"] is None and parsed["X-Injected"] is None
+    assert parsed.get_all("Subject") == [mail.subject]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sending_to_a_closed_port_raises_mail_unavailable():
+    mailer = Mailer(Settings(smtp_port=closed_port(), smtp_timeout=5))
+    mail = Templates().render("verification_expired", CONTEXTS["verification_expired"])
+    with pytest.raises(MailUnavailable, match="did not answer"):
+        mailer.send(mailer.build(EMAIL, mail, "<a@privacy.allego.example>"))
+
+
+@pytest.fixture
+def sink(tmp_path):
+    with MailSink(tmp_path / "mail", port=0) as running:
+        yield running
+
+
+def test_a_real_send_arrives_with_text_and_html_parts_and_its_message_id(sink):
+    mailer = Mailer(Settings(smtp_host=sink.host, smtp_port=sink.port, smtp_timeout=10))
+    mail: RenderedMail = Templates().render("outcome_access", CONTEXTS["outcome_access"])
+    mailer.send(mailer.build(EMAIL, mail, "<n-1@privacy.allego.example>"))
+    (received,) = sink.messages()
+    assert received["Message-ID"] == "<n-1@privacy.allego.example>"
+    assert received["Subject"] == "Your Allego data is ready to download"
+    assert received["To"] == EMAIL
+    assert received["Auto-Submitted"] == "auto-generated"
+    assert received["Date"]
+    types = [part.get_content_type() for part in received.walk()]
+    assert types == ["multipart/alternative", "text/plain", "text/html"]
+    assert "/download/xyz" in received.get_body(("plain",)).get_content()
+    assert "<!doctype html>" in received.get_body(("html",)).get_content()
+    assert not [p for p in received.walk() if p.get_content_disposition() == "attachment"]
+
+
+def test_a_queued_email_is_sent_once_however_often_its_message_arrives(state_url, tmp_path, sink):
+    bus = QuietBus()
+    app = make_app(state_url, tmp_path / "data", bus=bus, smtp_port=sink.port)
+    try:
+        accept(app, document("access", "r-1"))
+        (note,) = notifications(app, "r-1")
+        for _ in range(3):
+            notify.send_email(app, note.id)
+        (received,) = sink.messages()
+        assert received["Message-ID"] == note.message_id
+        assert received["Subject"] == "We received your privacy request (access)"
+        with app.sessions() as session:
+            row = session.get(NotificationRow, note.id)
+            assert (row.status, row.attempts) == ("sent", 1)
+            sent = session.execute(select(AuditRow).where(AuditRow.action == "email_sent"))
+            assert len(sent.scalars().all()) == 1
+    finally:
+        app.close()
+
+
+def test_a_queued_email_that_cannot_be_sent_stays_pending_with_the_error(state_url, tmp_path):
+    app = make_app(state_url, tmp_path / "data", bus=QuietBus(), smtp_port=closed_port())
+    try:
+        accept(app, document("access", "r-1"))
+        (note,) = notifications(app, "r-1")
+        with pytest.raises(MailUnavailable):
+            notify.send_email(app, note.id)
+        with app.sessions() as session:
+            row = session.get(NotificationRow, note.id)
+            assert (row.status, row.attempts) == ("pending", 1)
+            assert "did not answer" in row.last_error
+            assert EMAIL not in row.last_error
+    finally:
+        app.close()
