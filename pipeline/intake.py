@@ -25,7 +25,7 @@ from pipeline.db import RejectionRow, RequestRow, TransitionRow, transaction
 from pipeline.errors import ConflictingRequest, InvalidRequest
 from pipeline.outbox import Envelope, MessageBus
 from pipeline.requests import iso, notify_person
-from pipeline.states import TERMINAL, RequestType, State, needs_verification
+from pipeline.states import TERMINAL, State, needs_verification
 from pipeline.uow import UnitOfWork
 
 if TYPE_CHECKING:
@@ -225,7 +225,3 @@ def reject(app: App, error: InvalidRequest, raw: Any) -> IntakeResult:
         "request_rejected", request_id=error.request_id, code=error.code, reason=error.reason
     )
     return IntakeResult("rejected", error.request_id, error.code, error.reason)
-
-
-def is_request_type(value: str) -> bool:
-    return value in {t.value for t in RequestType}

@@ -7,7 +7,6 @@ nothing, so each event reaches the person once (DESIGN invariant 4).
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -166,19 +165,6 @@ def send_email(app: App, notification_id: str) -> None:
             notification_id=notification_id,
         )
     log.info("email_sent", request_id=request_id, mail_event=event, notification_id=notification_id)
-
-
-def resend_after(app: App, older_than: timedelta) -> list[str]:
-    """Pending notifications whose send never finished (for the reconciler)."""
-    with UnitOfWork(app) as uow:
-        cutoff = utcnow() - older_than
-        return list(
-            uow.session.execute(
-                select(NotificationRow.id).where(
-                    NotificationRow.status == "pending", NotificationRow.created_at <= cutoff
-                )
-            ).scalars()
-        )
 
 
 def close_case(app: App, request_id: str, reply: str, *, actor: str) -> None:

@@ -75,10 +75,6 @@ def advance(
     )
 
 
-def touch(request: RequestRow) -> None:
-    request.updated_at = utcnow()
-
-
 def subject_of(app: App, request: RequestRow) -> dict[str, Any]:
     assert request.subject_enc is not None, "request PII was purged"
     value = app.keys.ring.decrypt_json(request.subject_enc, context=request.id.encode())

@@ -12,9 +12,10 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import structlog
-from flask import Flask, Response, abort, render_template, request
+from flask import Flask, Response, render_template, request
 from sqlalchemy import select
 
 from pipeline import archive, audit
@@ -107,8 +108,6 @@ def create_app(app: App) -> Flask:
                 session, "export_downloaded", request_id=export.request_id, export_id=export.id
             )
             path, request_id = export.path, export.request_id
-        from pathlib import Path
-
         chunks: Iterator[bytes] = archive.open_archive(app, Path(path))
         log.info("export_downloaded", request_id=request_id)
         return Response(
@@ -135,6 +134,3 @@ def serve(app: App) -> None:
         threads=8,
         ident="allego-privacy",
     )
-
-
-__all__ = ["create_app", "serve", "abort"]
