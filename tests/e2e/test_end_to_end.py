@@ -23,6 +23,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+import redis
 import sqlalchemy as sa
 
 from connectors.allego.seed import DemoManifest, seed_demo_stores, sqlite_path
@@ -349,6 +350,53 @@ def test_bad_documents_are_rejected_and_recorded_while_good_ones_flow(stack: Sta
             ).scalars()
         ]
     assert sorted(codes) == sorted(["not_json", "unknown_schema", "unknown_type", "not_json"])
+
+
+def _identities(stack: Stack) -> list[str]:
+    found = []
+    for person in stack.manifest.people.values():
+        found += [person.email, person.name, *[v for v in person.product_ids.values() if v]]
+    return found
+
+
+def test_no_identity_is_in_clear_in_the_state_database_redis_or_exports(stack: Stack) -> None:
+    """After every request of this module ran: the state database's clear columns, every
+    key and value in the broker's namespace, and the export folder hold no identity."""
+    needles = _identities(stack)
+    with stack.app.engine.connect() as conn:
+        for table in sa.inspect(conn).get_table_names():
+            columns = [
+                c["name"]
+                for c in sa.inspect(conn).get_columns(table)
+                if not c["name"].endswith("_enc")
+            ]
+            for row in conn.execute(sa.text(f"SELECT {', '.join(columns)} FROM {table}")):
+                text = " ".join(str(v) for v in row)
+                for needle in needles:
+                    assert needle not in text, (table, needle)
+    client = redis.Redis.from_url(stack.app.settings.broker_url)
+    namespace = stack.app.settings.queue_namespace
+    keys = list(client.scan_iter(f"{namespace}*"))
+    for key in keys:
+        kind = client.type(key)
+        values = {
+            b"list": lambda k: client.lrange(k, 0, -1),
+            b"hash": lambda k: [*client.hgetall(k).keys(), *client.hgetall(k).values()],
+            b"zset": lambda k: client.zrange(k, 0, -1),
+            b"set": lambda k: list(client.smembers(k)),
+            b"string": lambda k: [client.get(k)],
+        }[kind](key)
+        blob = b" ".join([key, *values]).decode("utf-8", "replace")
+        for needle in needles:
+            assert needle not in blob, (key, needle)
+    client.close()
+    exports = list(stack.app.settings.exports_dir.rglob("*"))
+    assert any(p.name == "archive.zip.enc" for p in exports)
+    for path in exports:
+        if path.is_file():
+            data = path.read_bytes()
+            for needle in needles:
+                assert needle.encode() not in data, (path, needle)
 
 
 def test_no_log_line_names_a_person(stack: Stack) -> None:
