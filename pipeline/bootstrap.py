@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from pipeline.crypto import BlindIndex, Keys, load_keys
+from pipeline.crypto import BlindIndex, Keys, KeySource, keys_file_of, load_keys
 from pipeline.db import make_engine, make_session_factory
 from pipeline.outbox import Envelope
 from pipeline.settings import Settings
@@ -98,13 +98,26 @@ class App:
         return cls(Settings.from_env())
 
     @cached_property
-    def keys(self) -> Keys:
-        return load_keys(
-            keys_file=self.settings.keys_file,
-            keys_env=self.settings.keys_env,
-            data_dir=self.settings.data_dir,
-            production=self.settings.production,
+    def key_source(self) -> KeySource:
+        s = self.settings
+
+        def load() -> Keys:
+            return load_keys(
+                keys_file=s.keys_file,
+                keys_env=s.keys_env,
+                data_dir=s.data_dir,
+                production=s.production,
+            )
+
+        path = keys_file_of(
+            keys_file=s.keys_file, keys_env=s.keys_env, data_dir=s.data_dir, production=s.production
         )
+        return KeySource(load, path)
+
+    @property
+    def keys(self) -> Keys:
+        """The current keys: re-read when their file changes (a rotation)."""
+        return self.key_source.current()
 
     @cached_property
     def blind(self) -> BlindIndex:

@@ -247,6 +247,48 @@ def keys() -> None:
     """Key material."""
 
 
+@keys.command("rotate")
+def keys_rotate() -> None:
+    """Add a new data key and make it active (running processes pick it up)."""
+    from pipeline.rotation import rotate
+
+    click.echo(f"active key is now {rotate(_app())}; run `privacy keys reencrypt` next")
+
+
+@keys.command("reencrypt")
+@click.option("--batch", default=200, show_default=True)
+def keys_reencrypt(batch: int) -> None:
+    """Move every field and archive to the active key, in batches, while requests flow."""
+    from pipeline.rotation import reencrypt
+
+    click.echo(f"re-encrypted {reencrypt(_app(), batch=batch)} ciphertext(s)")
+
+
+@keys.command("usage")
+def keys_usage() -> None:
+    """How many ciphertexts each key id still protects."""
+    from pipeline.rotation import usage
+
+    app = _app()
+    counts = usage(app)
+    for kid in app.keys.ring.key_ids:
+        marker = " (active)" if kid == app.keys.ring.active else ""
+        click.echo(f"{kid}{marker}: {counts.get(kid, 0)}")
+
+
+@keys.command("retire")
+@click.argument("key_id")
+def keys_retire(key_id: str) -> None:
+    """Remove an old key from the ring; refused while anything still uses it."""
+    from pipeline.rotation import retire
+
+    try:
+        retire(_app(), key_id)
+    except PrivacyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"retired {key_id}")
+
+
 @keys.command("generate")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def keys_generate(path: Path) -> None:

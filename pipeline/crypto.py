@@ -18,8 +18,9 @@ import hmac
 import json
 import os
 import struct
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -62,6 +63,11 @@ class KeyRing:
     @property
     def key_ids(self) -> tuple[str, ...]:
         return tuple(self._keys)
+
+    @property
+    def keys(self) -> dict[str, bytes]:
+        """A copy of the key material, for writing a rotated keys file."""
+        return dict(self._keys)
 
     def key_id_of(self, blob: bytes) -> str:
         """The id of the key a ciphertext was made with (for rotation)."""
@@ -271,7 +277,7 @@ class Keys:
         return {
             "demo": self.demo,
             "active": self.ring.active,
-            "data_keys": {kid: b64e(self.ring._keys[kid]) for kid in self.ring.key_ids},
+            "data_keys": {kid: b64e(key) for kid, key in self.ring.keys.items()},
             "index_key": b64e(self.index_key),
             "signing_key": b64e(self.signing_key),
             "intake_keys": {name: b64e(key) for name, key in self.intake_keys.items()},
@@ -302,6 +308,56 @@ class Keys:
         )
 
 
+def keys_file_of(
+    *, keys_file: Path | None, keys_env: Mapping[str, str], data_dir: Path, production: bool
+) -> Path | None:
+    """The file keys come from (the one a rotation edits), or None when they come from
+    the environment."""
+    if keys_env.get("PRIVACY_KEYS_JSON"):
+        return None
+    if keys_file is not None:
+        return keys_file
+    return None if production else data_dir / "keys.json"
+
+
+def write_keys_file(path: Path, keys: Keys) -> None:
+    """Replace a keys file atomically (readers see the old or the new, never half)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    tmp.write_text(json.dumps(keys.to_json(), indent=2))
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+
+
+class KeySource:
+    """Keys loaded once, and again whenever their file changes, so that a rotation done by
+    `privacy keys rotate` reaches running workers without a restart."""
+
+    def __init__(self, load: Callable[[], Keys], path: Path | None):
+        self._load = load
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._keys: Keys | None = None
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def current(self) -> Keys:
+        stamp = self._file_stamp()
+        if self._keys is None or stamp != self._stamp:
+            with self._lock:
+                if self._keys is None or stamp != self._stamp:
+                    self._keys = self._load()
+                    self._stamp = self._file_stamp()
+        return self._keys
+
+
 def load_keys(
     *, keys_file: Path | None, keys_env: Mapping[str, str], data_dir: Path, production: bool
 ) -> Keys:
@@ -326,7 +382,7 @@ def load_keys(
         else:
             keys = Keys.generate(demo=True)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f".keys.{os.getpid()}.{os.urandom(4).hex()}.tmp")
             tmp.write_text(json.dumps(keys.to_json(), indent=2))
             tmp.chmod(0o600)
             with contextlib.suppress(FileExistsError):  # first writer wins
