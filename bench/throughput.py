@@ -630,6 +630,9 @@ class InlineBus:
     def publish(self, envelope: Envelope) -> None:
         self.queue.append(envelope)
 
+    def outstanding(self) -> int:
+        return len(self.queue)
+
     def drain(self) -> None:
         while self.queue:
             envelope = self.queue.popleft()

@@ -1,7 +1,8 @@
 """Connectors: how the pipeline reaches each product store.
 
 `connectors.base` is the contract; `connectors.registry.load_connectors` builds the
-configured stores; `sql`, `files` and `memory` are the generic connectors; `allego`
+configured stores; `sql`, `files`, `http` and `memory` are the generic connectors;
+`testing` is the conformance kit; `allego`
 holds the Allego product stores' mappings and the demo data generator.
 """
 

@@ -36,6 +36,7 @@ BUILTIN_CONNECTORS: Mapping[str, str] = {
     "sql": "connectors.sql:SqlConnector",
     "files": "connectors.files:FilesConnector",
     "memory": "connectors.memory:MemoryConnector",
+    "http": "connectors.http:HttpConnector",
 }
 REQUIRED_METHODS = ("locate", "export", "correct", "erase", "opt_out", "health", "close")
 PATH_SETTINGS = ("mapping",)

@@ -60,7 +60,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -575,6 +575,25 @@ class _Found:
 # --------------------------------------------------------------------------- connector
 
 
+@dataclass
+class ErasureSteps:
+    """An erasure worked out before anything changes: the rows each step touches."""
+
+    anonymize: dict[str, dict[Any, Row]] = field(default_factory=dict)
+    delete: dict[str, dict[Any, Row]] = field(default_factory=dict)  # the person's rows
+    dependents: dict[str, dict[Any, Row]] = field(default_factory=dict)  # others', hanging on them
+    unlink: dict[tuple[str, str], set[Any]] = field(default_factory=dict)  # (table, column)
+    retained: list[Retention] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "anonymized": sum(len(v) for v in self.anonymize.values()),
+            "deleted": sum(len(v) for v in self.delete.values()),
+            "dependents": sum(len(v) for v in self.dependents.values()),
+            "unlinked": sum(len(v) for v in self.unlink.values()),
+        }
+
+
 class SqlConnector:
     """A relational product store, driven by its mapping.
 
@@ -887,21 +906,54 @@ class SqlConnector:
         log.info("store_corrected", store=self.name, changes=len(changes), not_held=len(not_held))
         return CorrectionResult(store=self.name, applied=tuple(changes), not_held=not_held)
 
+    def plan_erasure(self, identity: Identity) -> ErasureSteps:
+        """What `erase` would do for this person, found with SELECTs only (the dry run)."""
+        with self._transaction() as conn:
+            return self._plan_erasure(conn, self._collect(conn, identity))
+
+    def _plan_erasure(self, conn: Connection, found: _Found) -> ErasureSteps:
+        tables = self.mapping.tables
+        steps = ErasureSteps()
+        for tm in tables.values():
+            rows = found.visible(tm.name)
+            if rows and tm.strategy == "anonymize":
+                steps.anonymize[tm.name] = rows
+            if rows and tm.strategy == "delete":
+                steps.delete[tm.name] = dict(rows)
+            if tm.strategy == "retain" and found.rows.get(tm.name):
+                steps.retained.append(
+                    Retention(tm.name, len(found.rows[tm.name]), tm.legal_basis, tm.period)
+                )
+        # others' rows that hang on the deleted ones: removed with them, or unlinked
+        doomed: dict[str, dict[Any, Row]] = defaultdict(dict)
+        for table, rows in steps.delete.items():
+            doomed[table].update(rows)
+        for parent in reversed(self.mapping.erase_order):  # parents first
+            if not doomed.get(parent):
+                continue
+            for ref in self.mapping.references_into(parent):
+                values = {row[ref.target_column] for row in doomed[parent].values()} - {None}
+                child = tables[ref.table]
+                for row in self._select_in(conn, child.name, ref.column, values):
+                    pk = row[child.primary_key]
+                    if pk in doomed[child.name] or pk in found.rows.get(child.name, {}):
+                        continue
+                    if ref.on_parent_erase == "null":
+                        steps.unlink.setdefault((child.name, ref.column), set()).add(pk)
+                    else:
+                        doomed[child.name][pk] = row
+                        steps.dependents.setdefault(child.name, {})[pk] = row
+        return steps
+
     def erase(self, identity: Identity) -> ErasureResult:
         tables = self.mapping.tables
         salt = os.urandom(16)
-        deleted = anonymized = dependents = 0
-        retained: list[Retention] = []
         with self._transaction() as conn:
-            found = self._collect(conn, identity)
+            steps = self._plan_erasure(conn, self._collect(conn, identity))
             # 1. anonymize in place (this also nulls owner references to deleted parents)
-            for tm in tables.values():
-                if tm.strategy != "anonymize":
-                    continue
-                rows = found.visible(tm.name)
-                if not rows:
-                    continue
-                t = self._tables[tm.name]
+            for table, rows in steps.anonymize.items():
+                tm = tables[table]
+                t = self._tables[table]
                 stmt = (
                     sa.update(t)
                     .where(t.c[tm.primary_key] == sa.bindparam("_pk"))
@@ -919,61 +971,36 @@ class SqlConnector:
                 ]
                 for batch in batched(params, self.batch_size):
                     conn.execute(stmt, batch)
-                anonymized += len(params)
-            # 2. rows to delete: the person's, then others' rows that hang on them
-            doomed: dict[str, dict[Any, Row]] = defaultdict(dict)
-            for tm in tables.values():
-                if tm.strategy == "delete":
-                    doomed[tm.name].update(found.visible(tm.name))
-            person_rows = sum(len(v) for v in doomed.values())
-            nulls: dict[tuple[str, str], set[Any]] = defaultdict(set)
-            for parent in reversed(self.mapping.erase_order):  # parents first
-                if not doomed.get(parent):
-                    continue
-                for ref in self.mapping.references_into(parent):
-                    values = {row[ref.target_column] for row in doomed[parent].values()} - {None}
-                    child = tables[ref.table]
-                    for row in self._select_in(conn, child.name, ref.column, values):
-                        pk = row[child.primary_key]
-                        if pk in doomed[child.name] or pk in found.rows.get(child.name, {}):
-                            continue
-                        if ref.on_parent_erase == "null":
-                            nulls[(child.name, ref.column)].add(pk)
-                        else:
-                            doomed[child.name][pk] = row
-            for (table, column), pks in nulls.items():
+            # 2. unlink others' rows that only point at a deleted row
+            for (table, column), pks in steps.unlink.items():
                 t = self._tables[table]
                 pk_col = t.c[tables[table].primary_key]
                 for batch in batched(sorted(pks, key=_sort_key), self.batch_size):
                     conn.execute(sa.update(t).where(pk_col.in_(batch)).values({column: None}))
             # 3. delete, children before parents
             for table in self.mapping.erase_order:
-                victims = doomed.get(table)
+                victims = {**steps.delete.get(table, {}), **steps.dependents.get(table, {})}
                 if not victims:
                     continue
                 t = self._tables[table]
                 pk_col = t.c[tables[table].primary_key]
                 for batch in batched(sorted(victims, key=_sort_key), self.batch_size):
                     conn.execute(sa.delete(t).where(pk_col.in_(batch)))
-            total = sum(len(v) for v in doomed.values())
-            deleted = person_rows
-            dependents = total - person_rows
-            for tm in tables.values():
-                if tm.strategy == "retain" and found.rows.get(tm.name):
-                    retained.append(
-                        Retention(tm.name, len(found.rows[tm.name]), tm.legal_basis, tm.period)
-                    )
+        counts = steps.counts()
         log.info(
             "store_erased",
             store=self.name,
-            deleted=deleted,
-            anonymized=anonymized,
-            dependents_removed=dependents,
-            nulled=sum(len(v) for v in nulls.values()),
-            retained=sum(r.count for r in retained),
+            deleted=counts["deleted"],
+            anonymized=counts["anonymized"],
+            dependents_removed=counts["dependents"],
+            nulled=counts["unlinked"],
+            retained=sum(r.count for r in steps.retained),
         )
         return ErasureResult(
-            store=self.name, deleted=deleted, anonymized=anonymized, retained=tuple(retained)
+            store=self.name,
+            deleted=counts["deleted"],
+            anonymized=counts["anonymized"],
+            retained=tuple(steps.retained),
         )
 
     def opt_out(self, identity: Identity) -> OptOutResult:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from pipeline import topology
 from pipeline.crypto import BlindIndex, Keys, KeySource, keys_file_of, load_keys
 from pipeline.db import make_engine, make_session_factory
 from pipeline.outbox import Envelope
@@ -48,6 +49,26 @@ class DramatiqBus:
             message_id=envelope.id,
         )
         self.broker.enqueue(message, delay=envelope.delay_ms)
+
+    def outstanding(self) -> int | None:
+        """For the Redis broker: every message not yet acknowledged, ready, delayed or in
+        a worker's hands (`<ns>:<queue>.msgs`, `<ns>:<queue>.DQ.msgs`). A broker that is
+        down holds nothing we can count on; RabbitMQ is not counted (None)."""
+        from dramatiq.brokers.redis import RedisBroker
+
+        if not isinstance(self.broker, RedisBroker):
+            return None
+        import redis
+
+        ns = self.broker.namespace
+        try:
+            pipe = self.broker.client.pipeline(transaction=False)
+            for queue in topology.ALL_QUEUES:
+                pipe.hlen(f"{ns}:{queue}.msgs")
+                pipe.hlen(f"{ns}:{queue}.DQ.msgs")
+            return sum(int(n) for n in pipe.execute())
+        except (redis.RedisError, OSError):
+            return 0
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:

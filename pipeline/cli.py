@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 
+from connectors.cli import connector_group
 from pipeline.bootstrap import App
+from pipeline.dashboard import cli as dashboard_cli
 from pipeline.errors import PrivacyError
 
 
@@ -301,6 +303,10 @@ def keys_generate(path: Path) -> None:
     path.chmod(0o600)
     click.echo(f"wrote {path}")
 
+
+main.add_command(dashboard_cli.operator)
+main.add_command(dashboard_cli.dashboard)
+main.add_command(connector_group)
 
 if __name__ == "__main__":
     main()

@@ -138,11 +138,13 @@ class NotificationRow(Base):
     template: Mapped[str] = mapped_column(String(64))
     recipient_enc: Mapped[bytes] = mapped_column(LargeBinary)
     context_enc: Mapped[bytes] = mapped_column(LargeBinary)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sent
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|sent
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     message_id: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last attempt or nudge
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a sender's lease
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 

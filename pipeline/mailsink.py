@@ -19,6 +19,7 @@ It is for loopback development only: no TLS, no authentication, no relaying.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import email
 import email.policy
 import itertools
@@ -70,6 +71,8 @@ class _FolderHandler:
         self.folder = folder
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
+        self.fault = "none"  # none | refuse | hang: for fault-injection tests
+        self.hang_seconds = 30.0
 
     def store(self, content: bytes, mail_from: str, rcpt_tos: list[str]) -> Path:
         with self._lock:
@@ -87,6 +90,11 @@ class _FolderHandler:
         return final
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if self.fault == "refuse":
+            return "451 4.3.0 Mail server busy, try again later"
+        if self.fault == "hang":
+            await asyncio.sleep(self.hang_seconds)
+            return "451 4.4.2 Timed out"
         content = envelope.original_content or envelope.content
         if isinstance(content, str):
             content = content.encode("utf-8", errors="surrogateescape")
@@ -138,6 +146,14 @@ class MailSink:
 
     def messages(self) -> list[EmailMessage]:
         return read_messages(self.folder)
+
+    def set_fault(self, fault: str, *, hang_seconds: float = 30.0) -> None:
+        """Refuse every message (`refuse`), never answer in time (`hang`), or accept
+        again (`none`): a mail server's outages, for fault-injection tests."""
+        if fault not in ("none", "refuse", "hang"):
+            raise ValueError(f"unknown fault {fault!r}: none, refuse or hang")
+        self._handler.hang_seconds = hang_seconds
+        self._handler.fault = fault
 
     def __enter__(self) -> MailSink:
         return self.start()

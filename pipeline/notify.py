@@ -7,6 +7,7 @@ nothing, so each event reaches the person once (DESIGN invariant 4).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -123,14 +124,32 @@ def notify_outcome(app: App, request_id: str) -> None:
         advance(uow.session, request, State.DONE, reason="outcome mailed to the person")
 
 
+def _lease(app: App) -> timedelta:
+    """Long enough for one SMTP conversation to finish or time out."""
+    return timedelta(seconds=3 * app.settings.smtp_timeout + 10)
+
+
 def send_email(app: App, notification_id: str) -> None:
+    """Deliver one queued email. A sender first takes a lease on the row, so a dramatiq
+    retry and a reconciler nudge arriving together cannot both send it; a sender that dies
+    mid-send leaves a lease that expires, and the reconciler tries again."""
+    now = utcnow()
     with UnitOfWork(app) as uow:
-        note = uow.session.get(NotificationRow, notification_id)
+        query = select(NotificationRow).where(NotificationRow.id == notification_id)
+        if uow.session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        note = uow.session.execute(query).scalar_one_or_none()
         if note is None:
             raise UnknownRequest(f"no notification with id {notification_id!r}")
         if note.status == "sent":
             log.info("email_already_sent", notification_id=notification_id)
             return
+        if note.status == "sending" and note.claimed_until and note.claimed_until > now:
+            log.info("email_being_sent", notification_id=notification_id)
+            return
+        note.status = "sending"
+        note.claimed_until = now + _lease(app)
+        note.updated_at = now
         note.attempts += 1
         attempt = note.attempts
         ring = app.keys.ring
@@ -146,6 +165,9 @@ def send_email(app: App, notification_id: str) -> None:
         with UnitOfWork(app) as uow:
             row = uow.session.get(NotificationRow, notification_id)
             assert row is not None
+            row.status = "pending"
+            row.claimed_until = None
+            row.updated_at = utcnow()
             row.last_error = str(exc)
         delay = min(app.settings.retry_base_ms * 2 ** (attempt - 1), app.settings.retry_max_ms)
         log.warning(
@@ -156,7 +178,8 @@ def send_email(app: App, notification_id: str) -> None:
         row = uow.session.get(NotificationRow, notification_id)
         assert row is not None
         row.status = "sent"
-        row.sent_at = utcnow()
+        row.claimed_until = None
+        row.sent_at = row.updated_at = utcnow()
         audit.record(
             uow.session,
             "email_sent",

@@ -39,6 +39,11 @@ class MessageBus(Protocol):
 
     def publish(self, envelope: Envelope) -> None: ...
 
+    def outstanding(self) -> int | None:
+        """Messages the broker still holds (queued, delayed or being processed), or None
+        when the broker cannot tell."""
+        ...
+
 
 def add(
     session: Session, *, key: str, actor: str, queue: str, args: Sequence[Any]

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
 from pipeline import outbox, topology, verification
 from pipeline.db import NotificationRow, RequestRow, StoreTaskRow, utcnow
@@ -89,8 +89,24 @@ def next_messages(request: RequestRow, tasks: list[StoreTaskRow]) -> list[Envelo
     return []
 
 
+BACKLOG_PATIENCE = 10  # with a backlog, wait this many stall periods before a re-send
+
+
+def _cutoff(app: App, now: datetime) -> datetime:
+    """Since when a request must have been idle to count as stalled.
+
+    While the broker still holds messages, an idle request is most likely waiting in the
+    queue behind others: re-sending then only adds to the backlog (a retry storm). So
+    with a backlog the reconciler waits much longer; with an empty broker (a Redis that
+    restarted empty, or a message lost) one stall period is enough.
+    """
+    stall = timedelta(seconds=app.settings.stall_seconds)
+    backlog = app.bus.outstanding()
+    return now - (stall * BACKLOG_PATIENCE if backlog else stall)
+
+
 def rekick_stalled(app: App, now: datetime, *, limit: int = 200) -> int:
-    cutoff = now - timedelta(seconds=app.settings.stall_seconds)
+    cutoff = _cutoff(app, now)
     sent = 0
     with UnitOfWork(app) as uow:
         stalled = (
@@ -123,12 +139,20 @@ def rekick_stalled(app: App, now: datetime, *, limit: int = 200) -> int:
 
 
 def resend_stuck_emails(app: App, now: datetime) -> int:
-    cutoff = now - timedelta(seconds=app.settings.stall_seconds)
+    """Nudge emails that have not left: never sent and idle for a stall period, or held by
+    a sender whose lease ran out (it died mid-send). At most one nudge per stall period."""
+    cutoff = _cutoff(app, now)
+    last_activity = func.coalesce(NotificationRow.updated_at, NotificationRow.created_at)
     with UnitOfWork(app) as uow:
         notes = (
             uow.session.execute(
                 select(NotificationRow).where(
-                    NotificationRow.status == "pending", NotificationRow.created_at <= cutoff
+                    NotificationRow.status != "sent",
+                    last_activity <= cutoff,
+                    or_(
+                        NotificationRow.claimed_until.is_(None),
+                        NotificationRow.claimed_until <= now,
+                    ),
                 )
             )
             .scalars()
@@ -136,8 +160,7 @@ def resend_stuck_emails(app: App, now: datetime) -> int:
         )
         ids = []
         for note in notes:
-            # created long ago and never sent: re-send at most once per stall period
-            note.created_at = now
+            note.updated_at = now
             ids.append(note.id)
     for note_id in ids:
         app.bus.publish(_message(topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note_id))

@@ -28,13 +28,18 @@ class LocalStack:
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
-    def _spawn(self, name: str, *args: str) -> None:
+    def _command(self, name: str) -> tuple[str, ...]:
+        if name == "worker":
+            return ("worker", "--processes", str(self.processes), "--threads", str(self.threads))
+        return (name,)
+
+    def _spawn(self, name: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(out)
         env = {**os.environ, **self.env}
         self.children[name] = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args],
+            [sys.executable, "-m", "pipeline.cli", *self._command(name)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -42,13 +47,11 @@ class LocalStack:
         )
 
     def start(self) -> LocalStack:
-        self._spawn(
-            "worker", "worker", "--processes", str(self.processes), "--threads", str(self.threads)
-        )
+        self._spawn("worker")
         if self.scheduler:
-            self._spawn("scheduler", "scheduler")
+            self._spawn("scheduler")
         if self.web:
-            self._spawn("web", "web")
+            self._spawn("web")
             self.wait_for_web()
         return self
 
@@ -63,6 +66,31 @@ class LocalStack:
             except OSError:
                 time.sleep(0.2)
         raise RuntimeError(f"the web process did not answer at {base} within {timeout:.0f} s")
+
+    def worker_pids(self) -> list[int]:
+        """The dramatiq worker processes (children of the worker group's main process)."""
+        main = self.children.get("worker")
+        if main is None or main.poll() is not None:
+            return []
+        path = Path(f"/proc/{main.pid}/task/{main.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+
+    def revive(self) -> list[str]:
+        """Restart any process that exited, as a supervisor would; returns their names.
+
+        dramatiq stops its whole worker group when one worker process dies (say, killed
+        with -9); in production systemd, Kubernetes or the Procfile runner restarts it.
+        """
+        restarted = []
+        for name, child in list(self.children.items()):
+            if child.poll() is not None:
+                child.wait()
+                self._spawn(name)
+                restarted.append(name)
+        return restarted
 
     def check_alive(self) -> None:
         for name, child in self.children.items():

@@ -70,6 +70,9 @@ class InlineBus:
     def publish(self, envelope: Envelope) -> None:
         self.queue.append(envelope)
 
+    def outstanding(self) -> int:
+        return len(self.queue)
+
     def drain(self, *, limit: int = 2000) -> int:
         assert self.app is not None
         count = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+import pipeline.dashboard.models  # noqa: F401 - the dashboard's tables
 from pipeline.db import Base
 
 config = context.config

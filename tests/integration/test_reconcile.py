@@ -196,6 +196,7 @@ def test_a_pending_email_older_than_the_stall_period_is_resent_and_a_sent_one_ne
             notes["r-sent"].status = "sent"
         pending_id = notes["r-pending"].id
         bus.delivered.clear()
+        bus.queue.clear()  # an idle broker: nothing else is waiting
 
         assert reconcile.resend_stuck_emails(app, utcnow()) == 0  # not stuck yet
         moment = later(app)
@@ -294,3 +295,31 @@ R = ("r-1",)
 )
 def test_next_messages_names_what_each_state_waits_for(row, tasks, expected):
     assert plan(row, tasks) == expected
+
+
+class BacklogBus(LosingBus):
+    """A broker that still holds other people's messages (a busy queue)."""
+
+    backlog = 500
+
+    def outstanding(self) -> int:
+        return self.backlog
+
+
+def test_with_a_backlog_a_quiet_request_waits_its_turn_instead_of_being_resent(state_url, tmp_path):
+    """No retry storm: behind a long queue an idle request is not stalled, so nothing is
+    re-sent until the broker drains, or until a much longer patience runs out."""
+    bus = BacklogBus(topology.LOCATE_ACTOR)
+    app = build(state_url, tmp_path, bus)
+    try:
+        accept(app, asserted(app, "erase", "r-queued"))
+        bus.drain()
+        stall = timedelta(seconds=app.settings.stall_seconds)
+        assert reconcile.rekick_stalled(app, later(app)) == 0
+        assert reconcile.rekick_stalled(app, utcnow() + stall * 5) == 0
+        patience = stall * reconcile.BACKLOG_PATIENCE + timedelta(seconds=1)
+        assert reconcile.rekick_stalled(app, utcnow() + patience) == 1
+        bus.backlog = 0
+        assert reconcile.rekick_stalled(app, utcnow() + patience + stall * 2) == 1
+    finally:
+        app.close()

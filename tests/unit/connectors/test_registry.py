@@ -41,7 +41,7 @@ def test_the_shipped_config_loads_all_six_allego_stores_without_connecting(
 def test_an_unknown_plugin_is_refused_naming_the_store_and_the_plugins(tmp_path: Path) -> None:
     config = write(tmp_path, '[stores.crm]\nconnector = "salesforce"\n')
     with pytest.raises(
-        MappingError, match=r"store 'crm'.*'salesforce'.*\['files', 'memory', 'sql'\]"
+        MappingError, match=r"store 'crm'.*'salesforce'.*\['files', 'http', 'memory', 'sql'\]"
     ):
         load_connectors(config, tmp_path)
 

@@ -1,0 +1,85 @@
+"""Prometheus metrics at `/metrics`, computed at scrape time from the state database and
+the broker, in a registry of the dashboard's own (no process-global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from pipeline.dashboard.overview import counts
+from pipeline.dashboard.queues import QueueReader
+from pipeline.db import RequestRow, StoreTaskRow
+
+if TYPE_CHECKING:
+    from pipeline.bootstrap import App
+
+
+class PipelineCollector(Collector):
+    def __init__(self, app: App, queues: QueueReader):
+        self.app = app
+        self.queues = queues
+
+    def collect(self) -> Iterator[Metric]:
+        requests = GaugeMetricFamily(
+            "privacy_requests", "Requests by state and type", labels=["state", "type"]
+        )
+        with self.app.sessions() as session:
+            rows = session.execute(
+                select(RequestRow.state, RequestRow.type, func.count()).group_by(
+                    RequestRow.state, RequestRow.type
+                )
+            ).all()
+            failures = session.execute(
+                select(StoreTaskRow.store, func.count())
+                .where(StoreTaskRow.status == "failed")
+                .group_by(StoreTaskRow.store)
+            ).all()
+            stores = session.execute(select(StoreTaskRow.store).distinct()).scalars().all()
+        for state, kind, count in rows:
+            requests.add_metric([state, kind], count)
+        yield requests
+
+        summary = counts(self.app, attention_limit=0)
+        yield GaugeMetricFamily(
+            "privacy_requests_at_risk", "Open requests due within 7 days", value=summary.at_risk
+        )
+        yield GaugeMetricFamily(
+            "privacy_requests_overdue", "Open requests past their due date", value=summary.overdue
+        )
+
+        failed = GaugeMetricFamily(
+            "privacy_store_tasks_failed",
+            "Store tasks that failed after every retry, per store",
+            labels=["store"],
+        )
+        by_store = dict.fromkeys(stores, 0) | {store: n for store, n in failures}
+        for store, n in sorted(by_store.items()):
+            failed.add_metric([store], n)
+        yield failed
+
+        report = self.queues.read()
+        yield GaugeMetricFamily("privacy_broker_up", "1 if the broker answered", value=report.up)
+        yield GaugeMetricFamily(
+            "privacy_workers_alive", "Workers with a recent heartbeat", value=report.workers
+        )
+        depth = GaugeMetricFamily(
+            "privacy_queue_messages",
+            "Messages per stage queue: queued (waiting or in progress), delayed, dead",
+            labels=["queue", "kind"],
+        )
+        for q in report.queues:
+            depth.add_metric([q.queue, "queued"], q.queued)
+            depth.add_metric([q.queue, "delayed"], q.delayed)
+            depth.add_metric([q.queue, "dead"], q.dead)
+        yield depth
+
+
+def make_registry(app: App, queues: QueueReader) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PipelineCollector(app, queues))
+    return registry
