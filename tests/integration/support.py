@@ -37,6 +37,19 @@ def document(kind: str, request_id: str, **extra: Any) -> dict[str, Any]:
     return doc
 
 
+def presigned(app: App, kind: str, request_id: str, **extra: Any) -> dict[str, Any]:
+    """A document carrying a valid signed assertion from the demo intake system."""
+    token = contract.sign_assertion(
+        app.keys.intake_keys["allego-app"],
+        request_id=request_id,
+        kind=kind,
+        email=EMAIL,
+        system="allego-app",
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    return document(kind, request_id, verification=token, **extra)
+
+
 def stores(*, down: bool = False) -> dict[str, MemoryConnector]:
     crm = MemoryConnector(
         "crm",

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import io
 import zipfile
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from pipeline import contract, rotation
+from pipeline import rotation
 from pipeline.archive import open_archive
 from pipeline.cli import main
 from pipeline.db import ExportRow
@@ -19,7 +18,7 @@ from pipeline.intake import accept
 from pipeline.requests import subject_of
 from pipeline.status import describe_request
 from tests.conftest import make_app
-from tests.integration.support import EMAIL, QuietBus, document, request_row, stores
+from tests.integration.support import EMAIL, QuietBus, request_row, stores
 
 
 @pytest.fixture
@@ -35,17 +34,7 @@ def app(state_url, tmp_path, bus):
 
 
 def run(app, bus, kind: str, request_id: str) -> None:
-    key = app.keys.intake_keys["allego-app"]
-    assertion = contract.sign_assertion(
-        key,
-        request_id=request_id,
-        kind=kind,
-        email=EMAIL,
-        system="allego-app",
-        expires_at=datetime.now(UTC) + timedelta(hours=1),
-    )
-    extra = {"verification": assertion} if kind in ("access", "correct", "erase") else {}
-    accept(app, document(kind, request_id, **extra))
+    accept(app, presigned(app, kind, request_id))
     bus.drain()
     assert describe_request(app, request_id)["state"] == "done"
 

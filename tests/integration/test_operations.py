@@ -3,19 +3,25 @@ deadline within the law (telling the person once), cancel."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
-from pipeline import contract, operations
+from pipeline import operations
 from pipeline.db import AuditRow, StoreTaskRow
 from pipeline.errors import InvalidTransition
 from pipeline.intake import accept
 from pipeline.policy import ExtensionRefused
 from pipeline.status import describe_request
 from tests.conftest import make_app
-from tests.integration.support import EMAIL, QuietBus, document, notifications, request_row, stores
+from tests.integration.support import (
+    QuietBus,
+    notifications,
+    presigned,
+    request_row,
+    stores,
+)
 
 
 @pytest.fixture
@@ -38,15 +44,7 @@ def app(state_url, tmp_path, bus, conns):
 
 
 def submit(app, kind: str, request_id: str, **extra) -> None:
-    token = contract.sign_assertion(
-        app.keys.intake_keys["allego-app"],
-        request_id=request_id,
-        kind=kind,
-        email=EMAIL,
-        system="allego-app",
-        expires_at=datetime.now(UTC) + timedelta(hours=1),
-    )
-    assert accept(app, document(kind, request_id, verification=token, **extra)).status == "accepted"
+    assert accept(app, presigned(app, kind, request_id, **extra)).status == "accepted"
 
 
 def stuck(app, bus, kind: str = "erase", request_id: str = "r-1") -> None:

@@ -3,17 +3,17 @@ request, and emails stuck in the outbox are sent again, once per stall period.""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
 
-from pipeline import contract, outbox, reconcile, topology
+from pipeline import outbox, reconcile, topology
 from pipeline.db import NotificationRow, OutboxRow, RequestRow, StoreTaskRow, utcnow
 from pipeline.intake import accept
 from pipeline.outbox import Envelope
 from tests.conftest import make_app
-from tests.integration.support import EMAIL, QuietBus, document, request_row, stores
+from tests.integration.support import QuietBus, document, presigned, request_row, stores
 
 
 class BrokenBus(QuietBus):
@@ -47,15 +47,7 @@ def later(app, extra: int = 1) -> datetime:
 
 
 def asserted(app, kind: str, request_id: str) -> dict:
-    token = contract.sign_assertion(
-        app.keys.intake_keys["allego-app"],
-        request_id=request_id,
-        kind=kind,
-        email=EMAIL,
-        system="allego-app",
-        expires_at=datetime.now(UTC) + timedelta(hours=1),
-    )
-    return document(kind, request_id, verification=token)
+    return presigned(app, kind, request_id)
 
 
 # -- (a) committed but never published -----------------------------------------------
