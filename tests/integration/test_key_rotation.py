@@ -18,7 +18,7 @@ from pipeline.intake import accept
 from pipeline.requests import subject_of
 from pipeline.status import describe_request
 from tests.conftest import make_app
-from tests.integration.support import EMAIL, QuietBus, request_row, stores
+from tests.integration.support import EMAIL, QuietBus, presigned, request_row, stores
 
 
 @pytest.fixture
