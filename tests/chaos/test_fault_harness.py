@@ -18,7 +18,10 @@ def test_no_request_is_lost_or_doubled_under_faults(database: str) -> None:
     assert report.lost == []
     assert report.needs_attention == {}
     assert report.states == {"done": 100}
-    assert report.duplicate_emails == {}
+    # an email is sent twice only when a worker is killed between the mail server's
+    # acceptance and the commit that records it; nothing else may double one
+    assert report.duplicate_emails_unexplained == {}
+    assert len(report.duplicate_emails) <= report.faults["kill_worker"]
     assert report.missing_emails == []
     assert report.duplicate_exports == 0
     assert report.erasures == 20 and report.erasures_unverified == []
