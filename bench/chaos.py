@@ -27,11 +27,13 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -57,7 +59,22 @@ from pipeline.settings import Settings
 from pipeline.stack import LocalStack
 from pipeline.states import Jurisdiction
 
-FAULTS = ("kill_worker", "restart_redis", "smtp_refuse", "smtp_hang")
+CRM_TOKEN = "test-token-5f2c"  # the fake service's token (tests/.../fake_product_api.py)
+
+FAULTS = (
+    "kill_worker",
+    "restart_redis",
+    "smtp_refuse",
+    "smtp_hang",
+    "store_down",
+    "store_hang",
+    "store_errors",
+)
+REPO = Path(__file__).resolve().parent.parent
+ALLEGO = REPO / "connectors" / "allego"
+CRM_MAPPING = REPO / "tests" / "integration" / "connectors" / "crm_http.toml"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run as a script: the fake CRM service lives in tests/
 KINDS = ("access", "correct", "erase", "opt_out", "concern")
 FINAL = {"done", "needs_attention", "expired", "cancelled"}
 
@@ -116,6 +133,65 @@ class OwnRedis:
         self.start()
 
 
+class ProductService:
+    """A product's REST service (the CRM) behind the HTTP connector, that the harness can
+    take down (connection refused), make hang (no answer in time) or make fail (503)."""
+
+    def __init__(self, emails: list[str]):
+        from tests.integration.connectors.fake_product_api import FakeProductApi
+
+        self.api = FakeProductApi()
+        for i, email in enumerate(emails):
+            uid = f"u-{i:05d}"
+            self.api.users[uid] = {
+                "id": uid,
+                "email": email,
+                "name": f"CRM person {i}",
+                "newsletter": True,
+                "password_hash": f"scrypt${i}",
+            }
+            self.api.notes[f"n-{i}"] = {"id": f"n-{i}", "user_id": uid, "text": f"call {i}"}
+            self.api.receipts[f"r-{i}"] = {"id": f"r-{i}", "user_id": uid, "amount": "9.00"}
+        self.port = free_port()
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> ProductService:
+        from http.server import ThreadingHTTPServer
+
+        from tests.integration.connectors.fake_product_api import _handler
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self.api))
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def write_stores_config(data_dir: Path, crm_url: str) -> Path:
+    """The six Allego stores plus the CRM behind its REST service."""
+    text = (ALLEGO / "stores.toml").read_text()
+    text = re.sub(
+        r'mapping = "([^"/]+\.toml)"', lambda m: f'mapping = "{ALLEGO / m.group(1)}"', text
+    )
+    text += (
+        f'\n[stores.crm]\nconnector = "http"\nbase_url = "{crm_url}"\n'
+        f'token_env = "CHAOS_CRM_TOKEN"\nmapping = "{CRM_MAPPING}"\ntimeout = 2\n'
+        "max_attempts = 2\nbackoff_base = 0.2\nbackoff_max = 1\nrate_limit = 500\n"
+    )
+    path = data_dir / "stores.toml"
+    path.write_text(text)
+    return path
+
+
 @dataclass
 class Report:
     requests: int
@@ -134,6 +210,7 @@ class Report:
     erasures: int = 0
     erasures_unverified: list[str] = field(default_factory=list)
     wrong_deadlines: list[str] = field(default_factory=list)
+    crm_left_after_erasure: int = 0  # people erased but still in the CRM service
     resubmitted: int = 0
     worker_restarts: int = 0
     seconds: float = 0.0
@@ -148,6 +225,7 @@ class Report:
             or self.duplicate_exports
             or self.erasures_unverified
             or self.wrong_deadlines
+            or self.crm_left_after_erasure
         )
 
 
@@ -233,9 +311,16 @@ class Chaos:
     """Applies one fault at a time and clears it after `hold` seconds."""
 
     def __init__(
-        self, stack: LocalStack, broker: OwnRedis, sink: MailSink, rng: random.Random, hold: float
+        self,
+        stack: LocalStack,
+        broker: OwnRedis,
+        sink: MailSink,
+        crm: ProductService,
+        rng: random.Random,
+        hold: float,
     ):
         self.stack, self.broker, self.sink, self.rng, self.hold = stack, broker, sink, rng, hold
+        self.crm = crm
         self.clear_at: float | None = None
         self.counts: Counter[str] = Counter()
         self.kills: list[float] = []  # wall-clock times of kill -9
@@ -251,12 +336,22 @@ class Chaos:
             self.broker.restart_empty()
         elif kind in ("smtp_refuse", "smtp_hang"):
             self.sink.set_fault(kind.removeprefix("smtp_"), hang_seconds=self.hold + 5)
+        elif kind == "store_down":
+            self.crm.stop()
+        elif kind == "store_hang":
+            self.crm.api.stall_seconds = 3.0  # longer than the connector's 2 s timeout
+        elif kind == "store_errors":
+            self.crm.api.fail_next(40, 503)
+        if kind not in ("kill_worker", "restart_redis"):
             self.clear_at = time.monotonic() + self.hold
         print(f"   fault: {kind}", flush=True)
 
     def tick(self) -> None:
         if self.clear_at is not None and time.monotonic() >= self.clear_at:
             self.sink.set_fault("none")
+            self.crm.api.stall_seconds = 0.0
+            if self.crm.server is None:
+                self.crm.start()
             self.clear_at = None
 
 
@@ -421,21 +516,31 @@ def run(
                 "PRIVACY_STORE_MAX_ATTEMPTS": "12",
                 "PRIVACY_LOG_FORMAT": "json",
             }
+            people = _people(data_dir)
+            crm = ProductService(people[::3]).start()  # a third of the people use the CRM
+            env["PRIVACY_STORES_CONFIG"] = str(write_stores_config(data_dir, crm.url))
+            env["CHAOS_CRM_TOKEN"] = CRM_TOKEN
+            os.environ["CHAOS_CRM_TOKEN"] = CRM_TOKEN  # this process reads the stores too
             app = App(Settings.from_env(env))
             upgrade(app.engine)
-            docs = build_batch(app, _people(data_dir), requests, rng)
+            docs = build_batch(app, people, requests, rng)
             stack = LocalStack(
                 env=env, log_dir=folder / "logs", processes=processes, threads=threads, web=False
             )
             span = max(20.0, requests / 3.0)  # about the time the batch takes here
             plan = schedule(rng, span, faults, fault_count or max(len(faults), requests // 25))
-            chaos = Chaos(stack, broker, sink, rng, hold)
+            chaos = Chaos(stack, broker, sink, crm, rng, hold)
             with stack:
                 _settle(app, stack, docs, chaos, plan, span, timeout, report)
                 sink.set_fault("none")
                 time.sleep(1.5)  # let the last emails of finished requests leave
             report.faults = dict(chaos.counts)
             _check(app, sink, docs, chaos.kills, report)
+            erased = {d["subject"]["email"] for d in docs if d["type"] == "erase"}
+            report.crm_left_after_erasure = sum(
+                1 for u in crm.api.users.values() if u["email"] in erased
+            )
+            crm.stop()
             app.close()
     finally:
         broker.kill()
