@@ -524,6 +524,21 @@ class _MappingParser:
 # --------------------------------------------------------------------------- helpers
 
 
+def _typed_id(column: sa.Column[Any], value: str) -> Any:
+    """A product id (text on the wire) as the id column's own type: a numeric id compared
+    as text fails on PostgreSQL, and an id that cannot be of that type matches nothing."""
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return value
+    if python_type is str:
+        return value
+    try:
+        return python_type(value)
+    except (TypeError, ValueError, decimal.InvalidOperation):
+        return None
+
+
 def json_safe(value: Any) -> Any:
     """Make a column value JSON-serialisable without losing precision."""
     if value is None or isinstance(value, bool | int | float | str):
@@ -771,7 +786,9 @@ class SqlConnector:
             if tm.email_column and email:
                 conditions.append(sa.func.lower(sa.func.trim(t.c[tm.email_column])) == email)
             if tm.user_id_column and product_id:
-                conditions.append(t.c[tm.user_id_column] == product_id)
+                typed = _typed_id(t.c[tm.user_id_column], product_id)
+                if typed is not None:
+                    conditions.append(t.c[tm.user_id_column] == typed)
             if not conditions:
                 continue
             for row in self._select(conn, tm.name, sa.or_(*conditions)):
