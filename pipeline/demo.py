@@ -1,17 +1,22 @@
 """`privacy demo`: the whole pipeline on one machine, acting as the person.
 
 It seeds the Allego demo stores, starts Redis if none answers, a mail sink, the worker,
-web and scheduler processes, submits one request of each type, confirms the emailed
-links over HTTP like a person would, downloads the export, and prints where everything
-is. Every part is the real one: dramatiq over Redis, SQLite state, SMTP, HTTP.
+web, scheduler and operations dashboard processes, submits one request of each type,
+confirms the emailed links over HTTP like a person would, downloads the export, signs in
+to the dashboard as a demo admin (a fresh random password, printed once) to check it
+lists the requests, and prints where everything is and how to open the dashboard again
+on the same data. Every part is the real one: dramatiq over Redis, SQLite state, SMTP,
+HTTP.
 """
 
 from __future__ import annotations
 
 import http.cookiejar
 import re
+import secrets
 import shutil
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -65,6 +70,57 @@ def confirm_link(url: str) -> int:
     data = urllib.parse.urlencode({"csrf": csrf.group(1)}).encode()
     with opener.open(urllib.request.Request(url, data=data, method="POST"), timeout=10) as resp:
         return int(resp.status)
+
+
+DEMO_ADMIN = "demo-admin"
+
+
+def demo_admin(app: App) -> tuple[str, str]:
+    """The demo's admin operator, with a new random password each run (a re-run on the
+    same data dir resets it; its old sessions end)."""
+    from pipeline.dashboard.auth import OperatorError, create_operator, set_password
+
+    password = secrets.token_urlsafe(12)
+    try:
+        create_operator(app, DEMO_ADMIN, "admin", password, actor="demo")
+    except OperatorError:
+        set_password(app, DEMO_ADMIN, password, actor="demo")
+    return DEMO_ADMIN, password
+
+
+def dashboard_shows(base: str, name: str, password: str, request_ids: list[str]) -> list[str]:
+    """Sign in to the dashboard over HTTP as an operator would, and open each request's
+    page; the ids whose page it shows."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(f"{base}/signin", timeout=10) as page:
+        html = page.read().decode()
+    csrf = re.search(
+        r'action="/signin"[^>]*>\s*<input type="hidden" name="csrf" value="([^"]+)"', html
+    )
+    if csrf is None:
+        raise LookupError("the dashboard's sign-in page has no form")
+    data = urllib.parse.urlencode({"csrf": csrf.group(1), "name": name, "password": password})
+    request = urllib.request.Request(f"{base}/signin", data=data.encode(), method="POST")
+    try:
+        with opener.open(request, timeout=30) as resp:
+            signed_in = "Sign out" in resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 401:
+            raise
+        signed_in = False
+    if not signed_in:
+        raise LookupError(f"the dashboard did not sign {name} in")
+    shown = []
+    for rid in request_ids:
+        try:
+            with opener.open(f"{base}/requests/{urllib.parse.quote(rid)}", timeout=10) as resp:
+                if rid in resp.read().decode():
+                    shown.append(rid)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
+    return shown
 
 
 def download(url: str, dest: Path) -> Path:
@@ -131,11 +187,13 @@ def run_demo(*, timeout: int = 180) -> int:
     )
     env = {"PRIVACY_DATA_DIR": str(data.resolve()), "PRIVACY_STALL_SECONDS": "30"}
     sink = MailSink(settings.mail_dir, host=settings.smtp_host, port=settings.smtp_port).start()
-    stack = LocalStack(env=env, log_dir=data / "logs", processes=1, threads=4)
+    stack = LocalStack(env=env, log_dir=data / "logs", processes=1, threads=4, dashboard=True)
+    operator = demo_admin(app)
     try:
         stack.start()
         print(
-            f"-- workers, web ({settings.base_url}) and scheduler running; logs in {data / 'logs'}"
+            f"-- workers, web ({settings.base_url}), scheduler and dashboard "
+            f"({stack.dashboard_url}) running; logs in {data / 'logs'}"
         )
         dana, sam, nobody = (manifest.person(k) for k in ("dana", "sam", "nobody"))
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -168,7 +226,16 @@ def run_demo(*, timeout: int = 180) -> int:
         erase_id = f"demo-{stamp}-erase"  # after the access request, so the export shows data
         submit(document("erase", erase_id, dana.email, dana.name), bus=app.bus)
         results.update(wait_until(app, [erase_id], settings.mail_dir, timeout, stack))
-        return _report(app, settings, results, f"demo-{stamp}-access", started)
+        ok = _report(app, settings, results, f"demo-{stamp}-access")
+        ok = (
+            _dashboard_report(stack, settings, operator, list(results), own_redis=bool(redis))
+            and ok
+        )
+        print(
+            f"\n== {'All requests done' if ok else 'Something did not finish (see !! above)'} "
+            f"in {time.monotonic() - started:.1f}s"
+        )
+        return 0 if ok else 1
     finally:
         stack.stop()
         sink.stop()
@@ -183,9 +250,39 @@ def _seconds_between(start: str, end: str) -> float:
     return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
 
 
+def _dashboard_report(
+    stack: LocalStack,
+    settings: Settings,
+    operator: tuple[str, str],
+    request_ids: list[str],
+    *,
+    own_redis: bool,
+) -> bool:
+    name, password = operator
+    print(f"\n== Operations dashboard: {stack.dashboard_url}")
+    try:
+        shown = dashboard_shows(stack.dashboard_url, name, password, request_ids)
+    except (OSError, LookupError) as exc:
+        shown = []
+        print(f"!! the dashboard could not be read: {exc}")
+    print(f"   signed in as {name}: it shows {len(shown)} of the {len(request_ids)} requests")
+    print(f"   sign in as: {name}   password: {password}   (printed once; reset each demo run)")
+    print("   the demo stops its processes now; to open the dashboard on the same data, run")
+    port = stack.env.get("PRIVACY_DASHBOARD_PORT")
+    prefix = f"PRIVACY_DASHBOARD_PORT={port} " if port else ""
+    print(f"     {prefix}PRIVACY_DATA_DIR={settings.data_dir} .venv/bin/privacy dashboard")
+    print(f"   and open {stack.dashboard_url}")
+    if own_redis:
+        print("   (queue depths need Redis: the demo's own Redis stops with it; start one first)")
+    if len(shown) != len(request_ids):
+        print("!! the dashboard does not show every request")
+        return False
+    return True
+
+
 def _report(
-    app: App, settings: Settings, results: dict[str, dict[str, Any]], access_id: str, started: float
-) -> int:
+    app: App, settings: Settings, results: dict[str, dict[str, Any]], access_id: str
+) -> bool:
     print("\n== Requests")
     ok = True
     for rid, info in results.items():
@@ -217,8 +314,4 @@ def _report(
     print(f"   encrypted archives at rest: {settings.exports_dir.resolve()}")
     print(f"   state database: {settings.state_url}")
     print(f"   status of a request: privacy status {access_id}")
-    print(
-        f"\n== {'All requests done' if ok else 'Some requests did not finish'} "
-        f"in {time.monotonic() - started:.1f}s"
-    )
-    return 0 if ok else 1
+    return ok

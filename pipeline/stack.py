@@ -1,7 +1,7 @@
 """Start the pipeline's processes on this machine: for the demo and end-to-end tests.
 
 Real processes, as the Procfile runs them: dramatiq workers, the web process and the
-scheduler, each with its output in a log file.
+scheduler, and optionally the operations dashboard, each with its output in a log file.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class LocalStack:
     threads: int = 4
     web: bool = True
     scheduler: bool = True
+    dashboard: bool = False
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -53,10 +54,24 @@ class LocalStack:
         if self.web:
             self._spawn("web")
             self.wait_for_web()
+        if self.dashboard:
+            self._spawn("dashboard")
+            self.wait_for_dashboard()
         return self
+
+    @property
+    def dashboard_url(self) -> str:
+        host = self.env.get("PRIVACY_DASHBOARD_HOST", "127.0.0.1")
+        return f"http://{host}:{self.env.get('PRIVACY_DASHBOARD_PORT', '8001')}"
 
     def wait_for_web(self, timeout: float = 30) -> None:
         base = self.env.get("PRIVACY_BASE_URL", "http://127.0.0.1:8000")
+        self._wait_for("web", base, timeout)
+
+    def wait_for_dashboard(self, timeout: float = 30) -> None:
+        self._wait_for("dashboard", self.dashboard_url, timeout)
+
+    def _wait_for(self, name: str, base: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check_alive()
@@ -65,7 +80,7 @@ class LocalStack:
                     return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"the web process did not answer at {base} within {timeout:.0f} s")
+        raise RuntimeError(f"the {name} process did not answer at {base} within {timeout:.0f} s")
 
     def worker_pids(self) -> list[int]:
         """The dramatiq worker processes (children of the worker group's main process)."""

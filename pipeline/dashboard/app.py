@@ -8,6 +8,7 @@ import structlog
 from flask import Flask, Response
 
 from pipeline.bootstrap import App
+from pipeline.dashboard.deadletters import DeadLetters
 from pipeline.dashboard.metrics import make_registry
 from pipeline.dashboard.queues import QueueReader
 from pipeline.dashboard.views import EXTENSION, bp
@@ -41,6 +42,7 @@ def create_dashboard(app: App, *, secure_cookies: bool | None = None) -> Flask:
     web.extensions[EXTENSION] = {
         "app": app,
         "queues": queues,
+        "dead_letters": DeadLetters(app, queues.client),
         "registry": make_registry(app, queues),
         "secure_cookies": app.settings.production if secure_cookies is None else secure_cookies,
     }

@@ -185,6 +185,21 @@ def disable_operator(app: App, name: str, *, actor: str) -> None:
         audit.record(session, "operator_disabled", actor=actor, operator=name)
 
 
+def set_password(
+    app: App, name: str, password: str, *, actor: str, cost: ScryptCost = DEFAULT_COST
+) -> None:
+    """A new password for an operator; their open sessions end now."""
+    check_new_password(password)
+    hashed = hash_password(password, cost)
+    with transaction(app.sessions) as session:
+        row = session.execute(select(OperatorRow).where(OperatorRow.name == name)).scalar()
+        if row is None:
+            raise OperatorError(f"no operator named {name!r}")
+        row.password_hash = hashed
+        session.execute(delete(OperatorSessionRow).where(OperatorSessionRow.operator_id == row.id))
+        audit.record(session, "operator_password_set", actor=actor, operator=name)
+
+
 @dataclass(frozen=True)
 class OperatorListing:
     name: str

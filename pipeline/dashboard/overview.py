@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, or_, select
 
-from pipeline import audit, policy
+from pipeline import audit, policy, topology
 from pipeline.dashboard.masking import mask_subject
 from pipeline.db import (
     AuditRow,
     NotificationRow,
     RequestRow,
     StoreTaskRow,
+    TransitionRow,
     transaction,
     utcnow,
 )
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from pipeline.bootstrap import App
 
 PAGE_SIZE = 50
+QUEUES = topology.ALL_QUEUES
 HASH_PREFIX = 12  # enough of the keyed subject hash to tell people apart, not to look up
 _STORE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -372,3 +374,174 @@ def parse_due(raw: str) -> datetime:
 
 def default_extension(due_at: datetime) -> date:
     return (due_at + timedelta(days=30)).date()
+
+
+# -- connector health --------------------------------------------------------------------
+
+HEALTH_WINDOWS = (("hour", timedelta(hours=1)), ("day", timedelta(days=1)))
+
+
+@dataclass(frozen=True)
+class WindowHealth:
+    done: int  # tasks completed in the window
+    failed: int  # tasks that failed for good in the window
+    attempts: int  # attempts of the tasks touched in the window
+    errors: int  # of those, the attempts that errored
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.attempts if self.attempts else None
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    store: str
+    last_success: datetime | None
+    last_error_at: datetime | None
+    pending: int
+    windows: dict[str, WindowHealth]
+
+    @property
+    def failing(self) -> bool:
+        """Errors in the last hour and no success since the last error."""
+        hour = self.windows["hour"]
+        return hour.errors > 0 and (
+            self.last_success is None
+            or (self.last_error_at is not None and self.last_error_at > self.last_success)
+        )
+
+
+def store_health(app: App, *, now: datetime | None = None) -> list[StoreHealth]:
+    """Per store, from `store_tasks`: the last success, and per window the tasks done and
+    failed and the share of attempts that errored. An attempt counts as errored when the
+    task ended `failed` (every attempt), ended `done` (all but the last), or is pending
+    with an error recorded (each attempt so far; one may still be running). A store
+    call's own latency is not recorded: a task keeps no time of its first claim."""
+    now = now or utcnow()
+    t = StoreTaskRow
+    longest = max(span for _, span in HEALTH_WINDOWS)
+    with app.sessions() as session:
+        # counts by (store, status) and the last success per store come from the
+        # (store, status) index; the windows read only the tasks touched in the last day
+        by_status = session.execute(
+            select(t.store, t.status, func.count()).group_by(t.store, t.status)
+        ).all()
+        stores = sorted({store for store, _, _ in by_status})
+        last_success = {
+            store: session.scalar(
+                select(func.max(t.completed_at)).where(t.store == store, t.status == "done")
+            )
+            for store in stores
+        }
+        recent = session.execute(
+            select(t.store, t.status, t.attempts, t.last_error.is_not(None), t.updated_at).where(
+                t.updated_at >= now - longest
+            )
+        ).all()
+    pending = {store: n for store, status, n in by_status if status == "pending"}
+    tally = {(store, name): [0, 0, 0, 0] for store in stores for name, _ in HEALTH_WINDOWS}
+    last_error: dict[str, datetime] = {}
+    for store, status, attempts, has_error, updated_at in recent:
+        if status == "failed":
+            errors = attempts
+        elif status == "done":
+            errors = attempts - 1
+        else:
+            errors = attempts if has_error else 0
+        if has_error and (store not in last_error or updated_at > last_error[store]):
+            last_error[store] = updated_at
+        for name, span in HEALTH_WINDOWS:
+            if updated_at >= now - span:
+                counts_ = tally[(store, name)]
+                counts_[0] += status == "done"
+                counts_[1] += status == "failed"
+                counts_[2] += attempts
+                counts_[3] += errors
+    return [
+        StoreHealth(
+            store=store,
+            last_success=last_success[store],
+            last_error_at=last_error.get(store),
+            pending=int(pending.get(store, 0)),
+            windows={name: WindowHealth(*tally[(store, name)]) for name, _ in HEALTH_WINDOWS},
+        )
+        for store in stores
+    ]
+
+
+# -- flow over time ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: datetime
+    finished: int  # requests that reached a final state
+    stopped: int  # requests that stopped for a person (needs_attention)
+
+
+@dataclass(frozen=True)
+class FlowWindow:
+    name: str
+    buckets: list[Bucket]
+
+    @property
+    def finished(self) -> int:
+        return sum(b.finished for b in self.buckets)
+
+    @property
+    def stopped(self) -> int:
+        return sum(b.stopped for b in self.buckets)
+
+    @property
+    def failure_rate(self) -> float | None:
+        """Of the requests that finished or stopped in the window, the share stopped."""
+        total = self.finished + self.stopped
+        return self.stopped / total if total else None
+
+    @property
+    def tallest(self) -> int:
+        return max([b.finished + b.stopped for b in self.buckets] + [1])
+
+
+FLOW_WINDOWS = (("hour", timedelta(minutes=5), 12), ("day", timedelta(hours=1), 24))
+
+
+def flow(app: App, *, now: datetime | None = None) -> list[FlowWindow]:
+    """Throughput (requests reaching a final state) and failures (requests stopping for
+    a person) per 5 minutes over the last hour and per hour over the last day, from the
+    transitions. Only requests updated in the last day are looked at (through the
+    `requests.updated_at` index: a transition always touches it)."""
+    now = now or utcnow()
+    since = now - timedelta(days=1)
+    final = [s.value for s in TERMINAL]
+    counted = [*final, State.NEEDS_ATTENTION.value]
+    with app.sessions() as session:
+        rows = session.execute(
+            select(TransitionRow.to_state, TransitionRow.at).where(
+                TransitionRow.request_id.in_(
+                    select(RequestRow.id).where(RequestRow.updated_at >= since)
+                ),
+                TransitionRow.at >= since,
+                TransitionRow.to_state.in_(counted),
+            )
+        ).all()
+    windows = []
+    for name, width, count in FLOW_WINDOWS:
+        start = now - width * count
+        finished = [0] * count
+        stopped = [0] * count
+        for to_state, at in rows:
+            if at < start or at > now:
+                continue
+            i = min(int((at - start) / width), count - 1)
+            if to_state == State.NEEDS_ATTENTION.value:
+                stopped[i] += 1
+            else:
+                finished[i] += 1
+        windows.append(
+            FlowWindow(
+                name,
+                [Bucket(start + width * i, finished[i], stopped[i]) for i in range(count)],
+            )
+        )
+    return windows

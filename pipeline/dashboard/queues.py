@@ -49,7 +49,7 @@ class QueueReader:
         self.app = app
         self._client: Any = None
 
-    def _redis(self) -> Any:
+    def client(self) -> Any:
         if self._client is None:
             import redis
 
@@ -66,7 +66,7 @@ class QueueReader:
 
         ns = self.app.settings.queue_namespace
         try:
-            pipe = self._redis().pipeline(transaction=False)
+            pipe = self.client().pipeline(transaction=False)
             for q in topology.ALL_QUEUES:
                 pipe.hlen(f"{ns}:{q}.msgs")
                 pipe.hlen(f"{ns}:{q}.DQ.msgs")

@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pipeline import operations
 from pipeline.dashboard import auth, overview
 from pipeline.dashboard.auth import Role, SignedIn
+from pipeline.dashboard.deadletters import DeadLetterGone, DeadLettersUnavailable
 from pipeline.dashboard.overview import BadFilter, Cursor, RequestFilter
 from pipeline.errors import PermanentError, UnknownRequest
 from pipeline.notify import close_case
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from pipeline.bootstrap import App
+    from pipeline.dashboard.deadletters import DeadLetters
     from pipeline.dashboard.queues import QueueReader
 
 SESSION_COOKIE = "privacy_ops_session"
@@ -64,6 +66,10 @@ def _app() -> App:
 
 def _queues() -> QueueReader:
     return cast("QueueReader", current_app.extensions[EXTENSION]["queues"])
+
+
+def _dead_letters() -> DeadLetters:
+    return cast("DeadLetters", current_app.extensions[EXTENSION]["dead_letters"])
 
 
 def _secure() -> bool:
@@ -201,7 +207,11 @@ def signout() -> ResponseReturnValue:
 @requires(Role.VIEWER)
 def home() -> str:
     return render_template(
-        "dashboard/home.html", counts=overview.counts(_app()), broker=_queues().read()
+        "dashboard/home.html",
+        counts=overview.counts(_app()),
+        broker=_queues().read(),
+        health=overview.store_health(_app()),
+        flow=overview.flow(_app()),
     )
 
 
@@ -337,6 +347,77 @@ def close_concern(request_id: str) -> ResponseReturnValue:
         close_case(_app(), request_id, reply, actor=_actor())
 
     return _act(request_id, "closed", run)
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+DEAD_DONE = {
+    "replayed": "Replayed: the message is back on its queue with a new id.",
+    "discarded": "Discarded.",
+}
+
+
+def _dead_letter_page(
+    *, error: str | None = None, status: int = 200, done: str | None = None
+) -> tuple[str, int]:
+    signed = signed_in()
+    assert signed is not None
+    queue = request.args.get("queue") or None
+    if queue is not None and queue not in overview.QUEUES:
+        return _refuse(404, "There is no such queue.")
+    unavailable = None
+    try:
+        found = _dead_letters().list(masked_pii=signed.operator.sees_pii, queue=queue)
+    except DeadLettersUnavailable as exc:
+        found, unavailable = [], str(exc)
+    page = render_template(
+        "dashboard/dead_letters.html",
+        found=found,
+        queue=queue,
+        queues=overview.QUEUES,
+        unavailable=unavailable,
+        error=error,
+        done=DEAD_DONE.get(done or request.args.get("done", "")),
+    )
+    return page, status
+
+
+@bp.get("/dead-letters")
+@requires(Role.VIEWER)
+def dead_letters() -> tuple[str, int]:
+    return _dead_letter_page()
+
+
+def _on_dead_letter(done: str, action: Callable[[], object]) -> ResponseReturnValue:
+    try:
+        action()
+    except DeadLetterGone as exc:
+        return _dead_letter_page(error=str(exc), status=404)
+    except DeadLettersUnavailable as exc:
+        return _dead_letter_page(error=str(exc), status=503)
+    except PermanentError as exc:
+        return _dead_letter_page(error=str(exc), status=400)
+    return redirect(url_for("dashboard.dead_letters", done=done))
+
+
+@bp.post("/dead-letters/<queue>/<key>/replay")
+@requires(Role.OFFICER)
+def dead_letter_replay(queue: str, key: str) -> ResponseReturnValue:
+    return _on_dead_letter(
+        "replayed", lambda: _dead_letters().replay(queue, key, operator=_actor())
+    )
+
+
+@bp.post("/dead-letters/<queue>/<key>/discard")
+@requires(Role.OFFICER)
+def dead_letter_discard(queue: str, key: str) -> ResponseReturnValue:
+    def run() -> None:
+        reason = request.form.get("reason", "").strip()
+        if not reason:
+            raise PermanentError("Say why the message is discarded.")
+        _dead_letters().discard(queue, key, operator=_actor(), reason=reason)
+
+    return _on_dead_letter("discarded", run)
 
 
 # -- operators (admin) -------------------------------------------------------------------

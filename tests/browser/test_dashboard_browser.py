@@ -4,10 +4,13 @@ their states by the pipeline itself (inline bus, memory connectors)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,10 +21,12 @@ from sqlalchemy import select
 from waitress.server import create_server
 
 from connectors.memory import MemoryConnector
-from pipeline.bootstrap import App
+from pipeline.bootstrap import App, DramatiqBus, make_broker
 from pipeline.dashboard.app import create_dashboard
 from pipeline.dashboard.auth import create_operator
 from pipeline.db import AuditRow
+from pipeline.outbox import Envelope
+from pipeline.topology import LOCATE_ACTOR, LOCATE_QUEUE
 from tests.conftest import make_app
 from tests.integration.dashboard.conftest import FAST, PASSWORDS, ROLES, stuck, submit
 from tests.integration.support import EMAIL, NAME, QuietBus, request_row, stores
@@ -73,18 +78,27 @@ def site(tmp_path: Path) -> Iterator[Site]:
     submit(app, "access", "r-wait", verified=False)
     submit(app, "opt_out", "r-done")
     bus.drain()
+    try:
+        with served(app) as url:
+            yield Site(app, bus, conns, url)
+    finally:
+        app.close()
+
+
+@contextmanager
+def served(app: App) -> Iterator[str]:
+    """The dashboard on a real waitress server; yields its URL."""
     server = create_server(create_dashboard(app), host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        yield Site(app, bus, conns, f"http://127.0.0.1:{server.effective_port}")
+        yield f"http://127.0.0.1:{server.effective_port}"
     finally:
         server.close()
         for channel in list(server._map.values()):
             channel.close()
         server.task_dispatcher.shutdown()
         thread.join(timeout=10)
-        app.close()
 
 
 @pytest.fixture
@@ -211,3 +225,54 @@ def test_the_request_list_marks_late_requests_in_red(page: Page, site: Site, tmp
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if target := os.environ.get("DASHBOARD_SCREENSHOT"):  # refresh docs/dashboard.png
         shutil.copyfile(shot, target)
+
+
+@pytest.fixture
+def redis_site(tmp_path: Path) -> Iterator[Site]:
+    """A site whose broker is the real Redis (a namespace of its own), with one locate
+    message a consumer gave up on in the dead letters."""
+    bus, conns = QuietBus(), stores()
+    app = make_app(
+        f"sqlite:///{tmp_path / 'state.db'}",
+        tmp_path / "data",
+        bus=bus,
+        connectors=conns,
+        queue_namespace=f"privacy-browser-{uuid.uuid4().hex[:8]}",
+    )
+    for name, role in ROLES.items():
+        create_operator(app, name, role, PASSWORDS[name], actor="test", cost=FAST)
+    broker = make_broker(app.settings)
+    DramatiqBus(broker).publish(
+        Envelope(id=str(uuid.uuid4()), actor=LOCATE_ACTOR, queue=LOCATE_QUEUE, args=("r-dead",))
+    )
+    consumer = broker.consume(LOCATE_QUEUE, timeout=2000)
+    consumer.nack(next(m for m in consumer if m is not None))
+    consumer.close()
+    try:
+        with served(app) as url:
+            yield Site(app, bus, conns, url)
+    finally:
+        keys = list(broker.client.scan_iter(f"{app.settings.queue_namespace}:*"))
+        if keys:
+            broker.client.delete(*keys)
+        broker.close()
+        app.close()
+
+
+@pytest.mark.redis
+def test_an_officer_replays_a_dead_letter(page: Page, redis_site: Site):
+    ns = redis_site.app.settings.queue_namespace
+    client = make_broker(redis_site.app.settings).client
+    sign_in(page, redis_site, "olivia")
+    page.click("header a:has-text('Dead letters')")
+    row = page.locator("table.dead-letters tr[data-key]")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("locate_request")
+    expect(row).to_contain_text("r-dead")
+    row.locator("button:has-text('Replay')").click()
+    expect(page.locator(".msg.ok")).to_contain_text("Replayed")
+    expect(page.locator("table.dead-letters tr[data-key]")).to_have_count(0)
+    assert client.zcard(f"{ns}:{LOCATE_QUEUE}.XQ") == 0
+    (body,) = [json.loads(v) for v in client.hvals(f"{ns}:{LOCATE_QUEUE}.msgs")]
+    assert body["actor_name"] == LOCATE_ACTOR and body["args"] == ["r-dead"]
+    assert [e.actor for e in audit_of(redis_site.app, "dead_letter_replayed")] == ["olivia"]
