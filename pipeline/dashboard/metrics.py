@@ -4,25 +4,63 @@ the broker, in a registry of the dashboard's own (no process-global state)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from pipeline.dashboard.overview import counts
 from pipeline.dashboard.queues import QueueReader
-from pipeline.db import RequestRow, StoreTaskRow
+from pipeline.db import RequestRow, StoreTaskRow, TransitionRow, utcnow
 
 if TYPE_CHECKING:
     from pipeline.bootstrap import App
+
+
+STAGE_WINDOW = timedelta(hours=1)
+STAGE_SAMPLE = 20_000  # transitions read at most per scrape
 
 
 class PipelineCollector(Collector):
     def __init__(self, app: App, queues: QueueReader):
         self.app = app
         self.queues = queues
+
+    def _stage_durations(self) -> Metric:
+        """How long requests stayed in each state, for states left within the last hour:
+        the time from entering a state to the transition that left it."""
+        family = SummaryMetricFamily(
+            "privacy_stage_duration_seconds",
+            "Time requests spent in each stage, for stages left in the last hour",
+            labels=["stage"],
+        )
+        since = utcnow() - STAGE_WINDOW
+        with self.app.sessions() as session:
+            recent = (
+                select(TransitionRow.request_id)
+                .where(TransitionRow.at >= since)
+                .distinct()
+                .limit(STAGE_SAMPLE)
+                .scalar_subquery()
+            )
+            rows = session.execute(
+                select(TransitionRow.request_id, TransitionRow.from_state, TransitionRow.at)
+                .where(TransitionRow.request_id.in_(recent))
+                .order_by(TransitionRow.request_id, TransitionRow.id)
+            ).all()
+        entered: dict[str, datetime] = {}
+        totals: dict[str, list[float]] = {}
+        for request_id, from_state, at in rows:
+            start = entered.get(request_id)
+            if from_state is not None and start is not None and at >= since:
+                totals.setdefault(from_state, []).append((at - start).total_seconds())
+            entered[request_id] = at
+        for stage, seconds in sorted(totals.items()):
+            family.add_metric([stage], count_value=len(seconds), sum_value=sum(seconds))
+        return family
 
     def collect(self) -> Iterator[Metric]:
         requests = GaugeMetricFamily(
@@ -43,6 +81,7 @@ class PipelineCollector(Collector):
         for state, kind, count in rows:
             requests.add_metric([state, kind], count)
         yield requests
+        yield self._stage_durations()
 
         summary = counts(self.app, attention_limit=0)
         yield GaugeMetricFamily(

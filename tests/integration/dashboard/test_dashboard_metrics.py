@@ -142,3 +142,41 @@ def test_an_old_request_due_yesterday_counts_as_overdue_in_metrics(app, dashboar
 
     submit(app, "access", "old", received_at=(datetime.now(UTC) - timedelta(days=40)).isoformat())
     assert samples(dashboard.test_client())[("privacy_requests_overdue", ())] == 1
+
+
+def test_metrics_report_how_long_requests_spent_in_each_stage(app, dashboard):
+    from sqlalchemy import delete
+
+    from pipeline.db import TransitionRow, utcnow
+    from pipeline.intake import accept
+    from tests.integration.support import document
+
+    now = utcnow()
+    for rid in ("m-1", "m-2"):
+        assert accept(app, document("concern", rid)).status == "accepted"
+    steps = [
+        (None, "received", 30),
+        ("received", "verified", 28),
+        ("verified", "locating", 27),
+        ("locating", "acting", 21),
+        ("acting", "notifying", 1),
+        ("notifying", "done", 0),
+    ]
+    with app.sessions.begin() as session:
+        session.execute(delete(TransitionRow))  # replace intake's with a known history
+        for rid in ("m-1", "m-2"):
+            for before, after, minutes_ago in steps:
+                session.add(
+                    TransitionRow(
+                        request_id=rid,
+                        from_state=before,
+                        to_state=after,
+                        at=now - timedelta(minutes=minutes_ago),
+                    )
+                )
+    values = samples(dashboard.test_client())
+    stage = "privacy_stage_duration_seconds"
+    assert values[(f"{stage}_count", (("stage", "locating"),))] == 2
+    assert values[(f"{stage}_sum", (("stage", "locating"),))] == pytest.approx(2 * 6 * 60)
+    assert values[(f"{stage}_sum", (("stage", "acting"),))] == pytest.approx(2 * 20 * 60)
+    assert (f"{stage}_count", (("stage", "done"),)) not in values  # nothing left "done"
