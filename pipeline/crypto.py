@@ -116,11 +116,16 @@ class KeyRing:
             writer.write(chunk)
         writer.close()
 
-    def decrypt_file(self, src: BinaryIO) -> Iterator[bytes]:
+    @staticmethod
+    def stream_key_id(src: BinaryIO) -> str:
+        """Read an encrypted stream's header: the id of the key it was made with."""
         head = src.read(3)
         if len(head) < 3 or head[:2] != _FORMAT:
             raise DecryptionFailed("not an archive of this key ring")
-        kid = src.read(head[2]).decode("ascii", "replace")
+        return src.read(head[2]).decode("ascii", "replace")
+
+    def decrypt_file(self, src: BinaryIO) -> Iterator[bytes]:
+        kid = self.stream_key_id(src)
         key = self._keys.get(kid)
         if key is None:
             raise DecryptionFailed(f"no key {kid!r} in the ring")

@@ -101,8 +101,7 @@ def _archives(app: App) -> list[tuple[str, Path]]:
 def _archive_key(path: Path) -> str | None:
     try:
         with path.open("rb") as f:
-            head = f.read(3)
-            return f.read(head[2]).decode("ascii", "replace") if len(head) == 3 else None
+            return KeyRing.stream_key_id(f)
     except FileNotFoundError:
         return None
 
