@@ -35,10 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesHeaderParser
@@ -73,8 +70,12 @@ FAULTS = (
 REPO = Path(__file__).resolve().parent.parent
 ALLEGO = REPO / "connectors" / "allego"
 CRM_MAPPING = REPO / "tests" / "integration" / "connectors" / "crm_http.toml"
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run as a script: the fake CRM service lives in tests/
+    sys.path.insert(0, str(REPO))  # run as a script: `bench` and the fake CRM service (tests/)
+
+from bench.throughput import state_database  # noqa: E402
+
 KINDS = ("access", "correct", "erase", "opt_out", "concern")
 FINAL = {"done", "needs_attention", "expired", "cancelled"}
 
@@ -227,25 +228,6 @@ class Report:
             or self.wrong_deadlines
             or self.crm_left_after_erasure
         )
-
-
-@contextmanager
-def _state_database(kind: str, folder: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{folder / 'state.db'}"
-        return
-    name = f"privacy_chaos_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(
-        "postgresql+psycopg://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _people(data_dir: Path) -> list[str]:
@@ -502,7 +484,10 @@ def run(
     seed_demo_stores(data_dir, people=max(200, requests * 2), seed=seed)
     broker = OwnRedis(folder / "redis").start()
     try:
-        with _state_database(database, folder) as url, MailSink(folder / "mail", port=0) as sink:
+        with (
+            state_database(database, folder, PG_ADMIN_URL) as url,
+            MailSink(folder / "mail", port=0) as sink,
+        ):
             env = {
                 "PRIVACY_DATA_DIR": str(data_dir),
                 "PRIVACY_DATABASE_URL": url,
