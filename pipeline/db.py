@@ -109,6 +109,7 @@ class StoreTaskRow(Base):
     detail_enc: Mapped[bytes | None] = mapped_column(LargeBinary)  # anything with PII
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)  # the last attempt's store call
 
 
 class OutboxRow(Base):

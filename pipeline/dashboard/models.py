@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from pipeline.db import Base, RequestRow, StoreTaskRow, UTCDateTime, utcnow
+from pipeline.db import Base, RequestRow, StoreTaskRow, TransitionRow, UTCDateTime, utcnow
 
 
 class OperatorRow(Base):
@@ -43,8 +43,17 @@ class OperatorSessionRow(Base):
 
 
 # The request list filters by type and jurisdiction and pages by (due_at, id); the store
-# filter and the per-store error counts read store_tasks by store.
+# filter, the per-store counts and each store's last success read store_tasks by
+# (store, status, completed_at); connector health reads the tasks touched in the last
+# day (updated_at) and the charts the transitions of the last day (at).
 Index("ix_requests_type", RequestRow.type)
 Index("ix_requests_jurisdiction", RequestRow.jurisdiction)
 Index("ix_requests_due_at_id", RequestRow.due_at, RequestRow.id)
-Index("ix_store_tasks_store_status", StoreTaskRow.store, StoreTaskRow.status)
+Index(
+    "ix_store_tasks_store_status_completed",
+    StoreTaskRow.store,
+    StoreTaskRow.status,
+    StoreTaskRow.completed_at,
+)
+Index("ix_store_tasks_updated_at", StoreTaskRow.updated_at)
+Index("ix_transitions_at", TransitionRow.at)
