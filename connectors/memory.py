@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ class MemoryConnector:
             facts=dict(facts) if facts is not None else _default_facts(collections),
         )
         self.down = False
+        self.delay_s = 0.0  # a slow store: every call waits this long first
         self._failures: list[ConnectorError] = []
         self.calls: list[str] = []  # method names, in order: lets tests assert idempotency
         self.closed = False
@@ -137,6 +139,8 @@ class MemoryConnector:
 
     def _enter(self, method: str, capability: Capability | None = None) -> None:
         self.calls.append(method)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if self.down:
             raise StoreUnavailable(f"store {self.name!r} is down (simulated)")
         if self._failures:

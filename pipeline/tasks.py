@@ -9,6 +9,7 @@ finishes, the caller's `on_all_done` moves the request on, in the same commit.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,7 @@ def run_store_task(
     connector = app.connectors.get(store)
     error: str | None = None
     outcome: TaskOutcome | None = None
+    started = time.monotonic()
     if connector is None:
         outcome = TaskOutcome({}, failed_for_good=f"store {store!r} is not configured any more")
     else:
@@ -184,6 +186,7 @@ def run_store_task(
         task = find_task(uow, request_id, store, phase)
         if task is None or task.status != "pending":
             return
+        task.duration_ms = round((time.monotonic() - started) * 1000)
         if error is not None:
             task.last_error = error
             task.updated_at = utcnow()

@@ -34,6 +34,10 @@ def _day(moment: datetime | str | None) -> str:
     return moment.strftime("%Y-%m-%d")
 
 
+def _ms(value: int) -> str:
+    return f"{value} ms" if value < 1000 else f"{value / 1000:.1f} s"
+
+
 def create_dashboard(app: App, *, secure_cookies: bool | None = None) -> Flask:
     """`secure_cookies` defaults to on in production, where the dashboard is behind TLS."""
     web = Flask(__name__)
@@ -48,6 +52,7 @@ def create_dashboard(app: App, *, secure_cookies: bool | None = None) -> Flask:
     }
     web.jinja_env.filters["when"] = _when
     web.jinja_env.filters["day"] = _day
+    web.jinja_env.filters["ms"] = _ms
     web.register_blueprint(bp)
 
     @web.after_request

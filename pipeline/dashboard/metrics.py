@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamil
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from pipeline.dashboard.overview import counts
+from pipeline.dashboard.overview import counts, store_health
 from pipeline.dashboard.queues import QueueReader
 from pipeline.db import RequestRow, StoreTaskRow, TransitionRow, utcnow
 
@@ -100,6 +100,27 @@ class PipelineCollector(Collector):
         for store, n in sorted(by_store.items()):
             failed.add_metric([store], n)
         yield failed
+
+        latency = GaugeMetricFamily(
+            "privacy_store_call_seconds",
+            "Time of the last store call of the store tasks touched in the last hour, per store",
+            labels=["store", "quantile"],
+        )
+        error_rate = GaugeMetricFamily(
+            "privacy_store_attempt_error_ratio",
+            "Share of store calls that errored in the last hour, per store",
+            labels=["store"],
+        )
+        for health in store_health(self.app):
+            hour = health.windows["hour"]
+            for quantile in (0.5, 0.95):
+                value = hour.latency_ms(quantile)
+                if value is not None:
+                    latency.add_metric([health.store, str(quantile)], value / 1000)
+            if hour.error_rate is not None:
+                error_rate.add_metric([health.store], hour.error_rate)
+        yield latency
+        yield error_rate
 
         report = self.queues.read()
         yield GaugeMetricFamily("privacy_broker_up", "1 if the broker answered", value=report.up)

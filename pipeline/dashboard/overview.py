@@ -4,7 +4,9 @@ asks for masked (officers) or revealed (an audited reveal) personal data."""
 
 from __future__ import annotations
 
+import math
 import re
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -387,10 +389,18 @@ class WindowHealth:
     failed: int  # tasks that failed for good in the window
     attempts: int  # attempts of the tasks touched in the window
     errors: int  # of those, the attempts that errored
+    latencies_ms: tuple[int, ...] = ()  # each touched task's last store call, sorted
 
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.attempts if self.attempts else None
+
+    def latency_ms(self, quantile: float) -> int | None:
+        """The store call time at `quantile` (nearest rank) of the tasks in the window."""
+        if not self.latencies_ms:
+            return None
+        rank = max(1, math.ceil(quantile * len(self.latencies_ms)))
+        return self.latencies_ms[rank - 1]
 
 
 @dataclass(frozen=True)
@@ -415,8 +425,8 @@ def store_health(app: App, *, now: datetime | None = None) -> list[StoreHealth]:
     """Per store, from `store_tasks`: the last success, and per window the tasks done and
     failed and the share of attempts that errored. An attempt counts as errored when the
     task ended `failed` (every attempt), ended `done` (all but the last), or is pending
-    with an error recorded (each attempt so far; one may still be running). A store
-    call's own latency is not recorded: a task keeps no time of its first claim."""
+    with an error recorded (each attempt so far; one may still be running). Latency is
+    the time of each touched task's last store call (`duration_ms`)."""
     now = now or utcnow()
     t = StoreTaskRow
     longest = max(span for _, span in HEALTH_WINDOWS)
@@ -434,14 +444,20 @@ def store_health(app: App, *, now: datetime | None = None) -> list[StoreHealth]:
             for store in stores
         }
         recent = session.execute(
-            select(t.store, t.status, t.attempts, t.last_error.is_not(None), t.updated_at).where(
-                t.updated_at >= now - longest
-            )
+            select(
+                t.store,
+                t.status,
+                t.attempts,
+                t.last_error.is_not(None),
+                t.updated_at,
+                t.duration_ms,
+            ).where(t.updated_at >= now - longest)
         ).all()
     pending = {store: n for store, status, n in by_status if status == "pending"}
     tally = {(store, name): [0, 0, 0, 0] for store in stores for name, _ in HEALTH_WINDOWS}
+    latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
     last_error: dict[str, datetime] = {}
-    for store, status, attempts, has_error, updated_at in recent:
+    for store, status, attempts, has_error, updated_at, duration_ms in recent:
         if status == "failed":
             errors = attempts
         elif status == "done":
@@ -457,13 +473,20 @@ def store_health(app: App, *, now: datetime | None = None) -> list[StoreHealth]:
                 counts_[1] += status == "failed"
                 counts_[2] += attempts
                 counts_[3] += errors
+                if duration_ms is not None:
+                    latencies[(store, name)].append(duration_ms)
     return [
         StoreHealth(
             store=store,
             last_success=last_success[store],
             last_error_at=last_error.get(store),
             pending=int(pending.get(store, 0)),
-            windows={name: WindowHealth(*tally[(store, name)]) for name, _ in HEALTH_WINDOWS},
+            windows={
+                name: WindowHealth(
+                    *tally[(store, name)], latencies_ms=tuple(sorted(latencies[(store, name)]))
+                )
+                for name, _ in HEALTH_WINDOWS
+            },
         )
         for store in stores
     ]
