@@ -403,6 +403,11 @@ class WindowHealth:
         return self.latencies_ms[rank - 1]
 
 
+def _window(tally: list[int], latencies: list[int]) -> WindowHealth:
+    done, failed, attempts, errors = tally
+    return WindowHealth(done, failed, attempts, errors, tuple(sorted(latencies)))
+
+
 @dataclass(frozen=True)
 class StoreHealth:
     store: str
@@ -482,9 +487,7 @@ def store_health(app: App, *, now: datetime | None = None) -> list[StoreHealth]:
             last_error_at=last_error.get(store),
             pending=int(pending.get(store, 0)),
             windows={
-                name: WindowHealth(
-                    *tally[(store, name)], latencies_ms=tuple(sorted(latencies[(store, name)]))
-                )
+                name: _window(tally[(store, name)], latencies[(store, name)])
                 for name, _ in HEALTH_WINDOWS
             },
         )
