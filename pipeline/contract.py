@@ -28,6 +28,18 @@ from pipeline.states import Jurisdiction, RequestType
 
 SCHEMA_ID = "allego.privacy-request/1"
 _FUTURE_TOLERANCE = timedelta(minutes=15)
+# every code a rejection may carry (the README lists them for intake systems)
+REJECTION_CODES = frozenset(
+    {
+        "not_json", "oversized", "too_deep", "invalid_text", "unknown_schema",
+        "unknown_type", "unknown_jurisdiction", "unknown_channel", "missing_field",
+        "wrong_type", "invalid_format", "invalid_value", "empty_field", "unknown_field",
+        "unknown_correction_field", "bad_timestamp", "too_long", "conflicting_request",
+        "bad_assertion", "expired_assertion",
+    }
+)  # fmt: skip
+# the schema's request_id pattern: a rejection carries the id only when it is one
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 @cache
@@ -171,6 +183,8 @@ def decode(raw: bytes | str | Mapping[str, Any], *, max_bytes: int) -> dict[str,
     if isinstance(raw, Mapping):
         try:
             size = len(json.dumps(raw, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        except RecursionError as exc:
+            raise InvalidRequest("document is nested too deeply", code="too_deep") from exc
         except (TypeError, ValueError) as exc:
             raise InvalidRequest("document is not JSON-serialisable", code="not_json") from exc
         if size > max_bytes:
@@ -195,7 +209,8 @@ def parse(
     raw: bytes | str | Mapping[str, Any], *, max_bytes: int = 64 * 1024, now: datetime | None = None
 ) -> IntakeDocument:
     doc = decode(raw, max_bytes=max_bytes)
-    request_id = doc.get("request_id") if isinstance(doc.get("request_id"), str) else None
+    given = doc.get("request_id")
+    request_id = given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else None
     try:
         _check_strings(doc)
         if doc.get("schema") != SCHEMA_ID:  # another version cannot be judged by this one
@@ -205,7 +220,7 @@ def parse(
             raise _explain(error)
         return _build(doc, now or datetime.now(UTC))
     except InvalidRequest as exc:
-        exc.request_id = request_id if request_id and len(request_id) <= 128 else None
+        exc.request_id = request_id
         raise
 
 

@@ -163,6 +163,13 @@ def test_a_rejection_of_a_document_that_is_not_even_text_is_recorded(app):
     assert count(app, RejectionRow, RejectionRow.code == "not_json") == 1
 
 
+def test_a_document_with_invalid_text_in_its_request_id_is_recorded_not_crashed(app):
+    # found by bench/fuzz_intake.py: the rejection kept the id and its insert failed
+    result = accept(app, {**document("access", "r-x"), "request_id": "r-\udcf1"}, now=NOW)
+    assert (result.status, result.code, result.request_id) == ("rejected", "invalid_text", None)
+    assert count(app, RejectionRow, RejectionRow.code == "invalid_text") == 1
+
+
 def test_pii_of_an_accepted_request_is_stored_only_encrypted(app):
     accept(app, document("correct", "r-pii"), now=NOW)
     for table in ("requests", "notifications", "audit_events", "outbox", "transitions"):

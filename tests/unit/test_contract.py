@@ -194,6 +194,19 @@ def test_a_trailing_newline_in_a_single_line_field_is_rejected(raw, field):
     assert field in error.reason
 
 
+def test_every_code_the_contract_raises_is_listed_for_intake_systems():
+    import re
+    from pathlib import Path
+
+    source = Path(contract.__file__).read_text()
+    raised = set(re.findall(r'code="([a-z_]+)"', source))
+    raised |= set(re.findall(r'"((?:unknown|invalid)_[a-z_]+)"', source))
+    raised.add("conflicting_request")  # raised by intake
+    assert raised <= contract.REJECTION_CODES
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert all(f"`{code}`" in readme for code in contract.REJECTION_CODES)
+
+
 def test_the_rejection_carries_the_request_id_so_it_can_be_recorded():
     assert rejection(valid(type="nope")).request_id == "req-2026.06:001"
 
@@ -249,6 +262,22 @@ def test_a_deeply_nested_document_is_rejected():
 def test_a_document_nested_beyond_the_json_parser_limit_is_rejected_not_crashed():
     raw = ("[" * 50_000 + "]" * 50_000).encode()
     assert rejection(raw, max_bytes=200_000).code == "not_json"
+
+
+def test_a_mapping_nested_beyond_the_interpreter_limit_is_rejected_not_crashed():
+    # found by bench/fuzz_intake.py: json.dumps of the mapping raised RecursionError
+    nested: Any = "deep"
+    for _ in range(5000):
+        nested = {"k": nested}
+    assert rejection(valid(notes=nested)).code == "too_deep"
+
+
+def test_a_request_id_that_breaks_the_contract_is_not_carried_by_the_rejection():
+    # found by bench/fuzz_intake.py: a lone surrogate in request_id reached the
+    # rejections table and the insert crashed
+    for bad in ("r-\udcf1", "r\r\nx", "-leading-dash", "x" * 129, "ok id"):
+        error = rejection(valid(request_id=bad))
+        assert error.request_id is None, bad
 
 
 def test_a_mapping_that_is_not_json_serialisable_is_rejected():
