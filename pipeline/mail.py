@@ -1,8 +1,17 @@
-"""Sending email: templates rendered to plain text and HTML, delivered with aiosmtplib."""
+"""Sending email: templates rendered to plain text and HTML, delivered with aiosmtplib.
+
+Each thread keeps one SMTP connection open and sends its mails over it (a worker thread
+sends many), instead of a TCP handshake, EHLO and QUIT per mail. A connection idle for a
+while is checked with NOOP before use; after any error, or 100 mails, it is closed and
+the next mail opens a new one. An error never resends on its own: the caller retries,
+and the notification's lease keeps that to one delivery.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -44,10 +53,35 @@ class Templates:
         return RenderedMail(subject, body.lstrip("\n"), html)
 
 
+IDLE_CHECK_SECONDS = 1.0  # a connection unused this long gets a NOOP before the next mail
+MAILS_PER_CONNECTION = 100
+
+
+@dataclass
+class _Connection:
+    loop: asyncio.AbstractEventLoop
+    client: aiosmtplib.SMTP
+    last_used: float
+    sent: int = 0
+
+    def run(self, coroutine: Any) -> Any:
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        try:
+            if self.client.is_connected:
+                self.run(self.client.quit())
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            self.client.close()
+        finally:
+            self.loop.close()
+
+
 class Mailer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.templates = Templates()
+        self._local = threading.local()
 
     def build(self, recipient: str, mail: RenderedMail, message_id: str) -> EmailMessage:
         message = EmailMessage()
@@ -63,15 +97,51 @@ class Mailer:
 
     def send(self, message: EmailMessage) -> None:
         try:
-            asyncio.run(
-                aiosmtplib.send(
-                    message,
-                    hostname=self.settings.smtp_host,
-                    port=self.settings.smtp_port,
-                    timeout=self.settings.smtp_timeout,
-                )
-            )
+            connection = self._connection()
+            connection.run(connection.client.send_message(message))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self.close()
             raise MailUnavailable(
                 f"mail server refused or did not answer: {type(exc).__name__}"
             ) from exc
+        connection.sent += 1
+        connection.last_used = time.monotonic()
+        if connection.sent >= MAILS_PER_CONNECTION:
+            self.close()
+
+    def _connection(self) -> _Connection:
+        """This thread's open connection, checked if it sat idle, or a new one."""
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        if connection is not None and (
+            not connection.client.is_connected
+            or time.monotonic() - connection.last_used > IDLE_CHECK_SECONDS
+            and not self._answers(connection)
+        ):
+            self.close()
+            connection = None
+        if connection is None:
+            loop = asyncio.new_event_loop()
+            client = aiosmtplib.SMTP(
+                hostname=self.settings.smtp_host,
+                port=self.settings.smtp_port,
+                timeout=self.settings.smtp_timeout,
+            )
+            connection = _Connection(loop, client, time.monotonic())
+            self._local.connection = connection
+            connection.run(client.connect())
+        return connection
+
+    @staticmethod
+    def _answers(connection: _Connection) -> bool:
+        try:
+            connection.run(connection.client.noop())
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close this thread's connection, if it has one."""
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            connection.close()

@@ -74,14 +74,15 @@ class _FolderHandler:
         self.fault = "none"  # none | refuse | hang: for fault-injection tests
         self.hang_seconds = 30.0
 
-    def store(self, content: bytes, mail_from: str, rcpt_tos: list[str]) -> Path:
+    def store(self, content: bytes, mail_from: str, rcpt_tos: list[str], peer: str = "") -> Path:
         with self._lock:
             number = next(self._counter)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         name = f"{stamp}-{number:06d}-{_sanitize(_message_id(content))}.eml"
-        envelope = (f"X-MailFrom: {mail_from}\r\nX-RcptTo: {', '.join(rcpt_tos)}\r\n").encode(
-            "utf-8", errors="replace"
-        )
+        envelope = (
+            f"X-MailFrom: {mail_from}\r\nX-RcptTo: {', '.join(rcpt_tos)}\r\n"
+            f"X-Peer: {peer}\r\n"  # the sender's address and port: one per connection
+        ).encode("utf-8", errors="replace")
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / name
         partial = self.folder / f".{name}.partial"
@@ -98,7 +99,9 @@ class _FolderHandler:
         content = envelope.original_content or envelope.content
         if isinstance(content, str):
             content = content.encode("utf-8", errors="surrogateescape")
-        self.store(bytes(content), str(envelope.mail_from or ""), list(envelope.rcpt_tos))
+        peer = session.peer
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else ""
+        self.store(bytes(content), str(envelope.mail_from or ""), list(envelope.rcpt_tos), where)
         return "250 Message accepted for delivery"
 
 

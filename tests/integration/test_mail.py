@@ -4,6 +4,7 @@ subjects cannot carry headers, and mail really goes out over SMTP, once per even
 from __future__ import annotations
 
 import socket
+import threading
 from email import message_from_bytes, policy
 from importlib import resources
 from typing import Any
@@ -16,7 +17,7 @@ from pipeline.db import AuditRow, NotificationRow
 from pipeline.errors import MailUnavailable
 from pipeline.intake import accept
 from pipeline.mail import Mailer, RenderedMail, Templates
-from pipeline.mailsink import MailSink
+from pipeline.mailsink import MailSink, read_messages
 from pipeline.settings import Settings
 from tests.conftest import make_app
 from tests.integration.support import EMAIL, QuietBus, document, notifications
@@ -236,3 +237,66 @@ def test_a_queued_email_that_cannot_be_sent_stays_pending_with_the_error(state_u
             assert EMAIL not in row.last_error
     finally:
         app.close()
+
+
+def test_a_thread_sends_its_mails_over_one_connection(sink):
+    mailer = Mailer(Settings(smtp_host=sink.host, smtp_port=sink.port, smtp_timeout=10))
+    mail = Templates().render("outcome_access", CONTEXTS["outcome_access"])
+    for n in range(5):
+        mailer.send(mailer.build(EMAIL, mail, f"<n-{n}@privacy.allego.example>"))
+    received = sink.messages()
+    assert len(received) == 5
+    assert len({m["X-Peer"] for m in received}) == 1  # one TCP connection for all five
+
+
+def test_another_thread_has_its_own_connection(sink):
+    mailer = Mailer(Settings(smtp_host=sink.host, smtp_port=sink.port, smtp_timeout=10))
+    mail = Templates().render("outcome_access", CONTEXTS["outcome_access"])
+
+    def send(n: int) -> None:
+        mailer.send(mailer.build(EMAIL, mail, f"<t-{n}@privacy.allego.example>"))
+        mailer.close()
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({m["X-Peer"] for m in sink.messages()}) == 2
+
+
+def test_after_a_refusal_the_next_mail_goes_over_a_new_connection_and_arrives(sink):
+    mailer = Mailer(Settings(smtp_host=sink.host, smtp_port=sink.port, smtp_timeout=10))
+    mail = Templates().render("outcome_access", CONTEXTS["outcome_access"])
+    mailer.send(mailer.build(EMAIL, mail, "<r-1@privacy.allego.example>"))
+    sink.set_fault("refuse")
+    with pytest.raises(MailUnavailable):
+        mailer.send(mailer.build(EMAIL, mail, "<r-2@privacy.allego.example>"))
+    sink.set_fault("none")
+    mailer.send(mailer.build(EMAIL, mail, "<r-3@privacy.allego.example>"))
+    received = {m["Message-ID"]: m["X-Peer"] for m in sink.messages()}
+    assert set(received) == {"<r-1@privacy.allego.example>", "<r-3@privacy.allego.example>"}
+    assert received["<r-1@privacy.allego.example>"] != received["<r-3@privacy.allego.example>"]
+
+
+def test_a_mail_server_restarted_behind_an_idle_connection_is_noticed(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.mail.IDLE_CHECK_SECONDS", 0.0)
+    first = MailSink(tmp_path / "mail", port=0).start()
+    port = first.port
+    mailer = Mailer(Settings(smtp_host=first.host, smtp_port=port, smtp_timeout=10))
+    mail = Templates().render("outcome_access", CONTEXTS["outcome_access"])
+    try:
+        mailer.send(mailer.build(EMAIL, mail, "<s-1@privacy.allego.example>"))
+        first.stop()
+        second = MailSink(tmp_path / "mail", port=port).start()
+        try:
+            # the old connection is dead: the NOOP check notices and a new one is opened
+            mailer.send(mailer.build(EMAIL, mail, "<s-2@privacy.allego.example>"))
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+    assert {m["Message-ID"] for m in read_messages(tmp_path / "mail")} == {
+        "<s-1@privacy.allego.example>",
+        "<s-2@privacy.allego.example>",
+    }
