@@ -50,6 +50,15 @@ class Settings:
     scheduler_interval_seconds: int = 5
     log_format: str = "console"
     max_document_bytes: int = 64 * 1024
+    # Hostile callers. Web limits use the `limits` notation ("30/minute", "10/minute;100/hour").
+    verify_limit_per_address: str = "30/minute"
+    verify_limit_per_email: str = "10/minute"
+    download_limit_per_address: str = "30/minute"
+    download_limit_per_email: str = "10/hour"
+    rate_limit_storage_url: str = ""  # empty: the broker's Redis, else per-process memory
+    trusted_proxies: int = 0  # proxies in front of `privacy web` whose X-Forwarded-For counts
+    verify_mails_per_email: int = 5  # unanswered confirmation mails per address per window
+    verify_mail_window_seconds: int = 24 * 3600
 
     @property
     def production(self) -> bool:
@@ -104,4 +113,26 @@ class Settings:
                 "json" if env.get("PRIVACY_ENV") == "production" else "console",
             ),
             max_document_bytes=_int(env, "PRIVACY_MAX_DOCUMENT_BYTES", cls.max_document_bytes),
+            verify_limit_per_address=env.get(
+                "PRIVACY_VERIFY_LIMIT_PER_ADDRESS", cls.verify_limit_per_address
+            ),
+            verify_limit_per_email=env.get(
+                "PRIVACY_VERIFY_LIMIT_PER_EMAIL", cls.verify_limit_per_email
+            ),
+            download_limit_per_address=env.get(
+                "PRIVACY_DOWNLOAD_LIMIT_PER_ADDRESS", cls.download_limit_per_address
+            ),
+            download_limit_per_email=env.get(
+                "PRIVACY_DOWNLOAD_LIMIT_PER_EMAIL", cls.download_limit_per_email
+            ),
+            rate_limit_storage_url=env.get(
+                "PRIVACY_RATE_LIMIT_STORAGE_URL", cls.rate_limit_storage_url
+            ),
+            trusted_proxies=_int(env, "PRIVACY_TRUSTED_PROXIES", cls.trusted_proxies),
+            verify_mails_per_email=_int(
+                env, "PRIVACY_VERIFY_MAILS_PER_EMAIL", cls.verify_mails_per_email
+            ),
+            verify_mail_window_seconds=_int(
+                env, "PRIVACY_VERIFY_MAIL_WINDOW", cls.verify_mail_window_seconds
+            ),
         )

@@ -5,6 +5,17 @@ The link mailed to the person carries a random token signed for this purpose; th
 database keeps only its hash, with expiry and single use. Opening the link shows a page;
 only the POST from that page confirms, so mail scanners that follow links confirm
 nothing.
+
+Nothing here searches a product store: a request is verified before anything is looked
+up, so every answer (intake, mail, pages) is the same whether or not we hold data on the
+address (R8, no account enumeration).
+
+Confirmation mails are limited per address (`verify_mails_per_email` unanswered links per
+`verify_mail_window_seconds`), so that requests submitted in someone else's name cannot
+turn us into a mail bomb. Over the limit the request is kept, never dropped: it waits in
+`received` with the reason, and the reconciler's periodic re-send of its verify message
+mails the link once the address has room (an old link leaves the window, or the person
+confirms one).
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from pipeline import audit, topology
 from pipeline.crypto import BadSignature, Expired
@@ -31,6 +42,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 _PURPOSE = "verify-email"
+MAIL_DEFERRED_REASON = (
+    "confirmation mail deferred: this address has too many unanswered confirmation mails;"
+    " it goes out when one is answered or expires from the window"
+)
 
 
 class LinkRefused(PermanentError):
@@ -74,6 +89,10 @@ def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
             )
             send_on(uow, request)
             return
+        room_at = _mail_room_at(app, uow, request, now)
+        if room_at is not None:
+            _defer_mail(uow, request, room_at)
+            return
         token = secrets.token_urlsafe(32)
         signed = app.keys.signer(_PURPOSE).sign(
             f"{request.id}:{token}",
@@ -109,6 +128,59 @@ def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
             State.AWAITING_VERIFICATION,
             reason="confirmation link mailed to the address on the request",
         )
+
+
+def _mail_room_at(app: App, uow: UnitOfWork, request: RequestRow, now: datetime) -> datetime | None:
+    """None if a confirmation mail may go to this address now, else when the window will
+    have room. Counts the links mailed to the same address (by its keyed hash) within the
+    window and not yet used: a person who answers their mails is never held back."""
+    limit = app.settings.verify_mails_per_email
+    if limit <= 0:
+        return None  # 0 turns the limit off
+    session = uow.session
+    if session.get_bind().dialect.name == "postgresql":
+        # One verify stage per address at a time decides, so parallel workers cannot each
+        # see room for the last slot (SQLite's BEGIN IMMEDIATE serialises writers already).
+        lock = int(request.subject_hash[:15], 16)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock})
+    window = timedelta(seconds=app.settings.verify_mail_window_seconds)
+    mailed = (
+        session.execute(
+            select(VerificationRow.created_at)
+            .join(RequestRow, RequestRow.id == VerificationRow.request_id)
+            .where(
+                RequestRow.subject_hash == request.subject_hash,
+                VerificationRow.created_at > now - window,
+                VerificationRow.used_at.is_(None),
+            )
+            .order_by(VerificationRow.created_at)
+        )
+        .scalars()
+        .all()
+    )
+    if len(mailed) < limit:
+        return None
+    return mailed[len(mailed) - limit] + window
+
+
+def _defer_mail(uow: UnitOfWork, request: RequestRow, room_at: datetime) -> None:
+    """Keep the request, unmailed, in `received`: the reconciler re-sends its verify
+    message every stall period, and the stage mails the link once there is room."""
+    if request.state_reason != MAIL_DEFERRED_REASON:
+        request.state_reason = MAIL_DEFERRED_REASON
+        audit.record(
+            uow.session, "verification_mail_deferred", request_id=request.id, until=iso(room_at)
+        )
+    log.info("verification_mail_deferred", request_id=request.id, until=iso(room_at))
+
+
+def request_of_link(app: App, token: str, *, now: datetime | None = None) -> str | None:
+    """The request an authentic, unexpired link is bound to, or None; reads no row (the
+    web's rate limiter keys a person's budget by it)."""
+    try:
+        return _unsign(app, token, now or utcnow())
+    except LinkRefused:
+        return None
 
 
 def inspect(app: App, token: str, *, now: datetime | None = None) -> str:

@@ -3,7 +3,9 @@
 Opening a verification link only shows a page; the page's button POSTs, with a CSRF
 token bound to the link, and that confirms. Mail scanners that follow links confirm
 nothing. Export links are signed, expiring and checked against the export row, so a
-revoked or expired export is never served.
+revoked or expired export is never served. Both kinds of page are rate limited per client
+address and per person (`pipeline.ratelimit`); a limited caller gets a 429 page with
+Retry-After, and the attempt changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.bootstrap import App
 from pipeline.crypto import BadSignature, Expired
 from pipeline.db import ExportRow, transaction, utcnow
 from pipeline.notify import DOWNLOAD_PURPOSE
+from pipeline.ratelimit import WebLimits
 from pipeline.verification import LinkRefused, confirm, inspect, record_failed_attempt
 
 log = structlog.get_logger()
@@ -39,6 +42,7 @@ def _csrf_for(app: App, nonce: str, token: str) -> str:
 def create_app(app: App) -> Flask:
     web = Flask(__name__)
     web.config["MAX_CONTENT_LENGTH"] = 16 * 1024
+    limits = WebLimits(app, web)
 
     @web.after_request
     def _headers(response: Response) -> Response:
@@ -59,6 +63,7 @@ def create_app(app: App) -> Flask:
         return {"status": "ok"}
 
     @web.get("/verify/<token>")
+    @limits.verify
     def verify_page(token: str) -> Response | tuple[str, int]:
         try:
             inspect(app, token)
@@ -77,6 +82,7 @@ def create_app(app: App) -> Flask:
         return response
 
     @web.post("/verify/<token>")
+    @limits.verify
     def verify_confirm(token: str) -> tuple[str, int]:
         nonce = request.cookies.get(_CSRF_COOKIE, "")
         sent = request.form.get("csrf", "")
@@ -90,6 +96,7 @@ def create_app(app: App) -> Flask:
         return render_template("web/confirmed.html"), 200
 
     @web.get("/download/<token>")
+    @limits.download
     def download(token: str) -> Response | tuple[str, int]:
         try:
             export_id = app.keys.signer(DOWNLOAD_PURPOSE).unsign(token)
@@ -115,6 +122,13 @@ def create_app(app: App) -> Flask:
             mimetype="application/zip",
             headers={"Content-Disposition": f'attachment; filename="allego-data-{request_id}.zip"'},
         )
+
+    @web.errorhandler(429)
+    def too_many(_exc: Exception) -> Response:
+        wait = limits.retry_after()
+        response = Response(render_template("web/limited.html", wait=wait), status=429)
+        response.headers["Retry-After"] = str(wait)
+        return response
 
     @web.errorhandler(404)
     def not_found(_exc: Exception) -> tuple[str, int]:

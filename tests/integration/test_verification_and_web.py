@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import io
 import re
+import time
+import uuid
 import zipfile
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
 from sqlalchemy import select, update
 
 from pipeline import topology, verification
+from pipeline.crypto import Signer, b64d
 from pipeline.db import ExportRow, NotificationRow, VerificationRow
 from pipeline.intake import accept
+from pipeline.notify import DOWNLOAD_PURPOSE
 from pipeline.web import _csrf_for, create_app
 from tests.conftest import make_app
 from tests.integration.support import (
@@ -33,8 +38,21 @@ def bus():
 
 
 @pytest.fixture
-def app(state_url, tmp_path, bus):
-    application = make_app(state_url, tmp_path / "data", bus=bus, connectors=stores())
+def namespace():
+    """The web's rate-limit counters go to Redis under this test's own prefix."""
+    name = f"test-web-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    for key in client.scan_iter(f"{name}*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def app(state_url, tmp_path, bus, namespace):
+    application = make_app(
+        state_url, tmp_path / "data", bus=bus, connectors=stores(), queue_namespace=namespace
+    )
     yield application
     application.close()
 
@@ -263,6 +281,50 @@ def test_a_tampered_download_link_is_not_found(app, bus, web):
     assert client.get(f"/download/{payload}.{expiry}").status_code == 404
     with app.sessions() as session:
         assert session.execute(select(ExportRow.downloads)).scalar_one() == 0
+
+
+def downloads(app) -> int:
+    with app.sessions() as session:
+        return session.execute(select(ExportRow.downloads)).scalar_one()
+
+
+def test_a_guessed_altered_or_revoked_download_link_gets_the_same_not_found_page(app, bus, web):
+    path = finished_access(app, bus, web)
+    token = path.rsplit("/", 1)[1]
+    payload, expiry, mac = token.split(".")
+    client = web.test_client()
+    signer = app.keys.signer(DOWNLOAD_PURPOSE)
+    forged_key = Signer(b"k" * 32, purpose=DOWNLOAD_PURPOSE)
+    guesses = [
+        "0" * len(token),  # a guess
+        forged_key.sign(str(uuid.uuid4()), ttl_seconds=3600),  # well formed, another key
+        forged_key.sign(b64d(payload).decode(), ttl_seconds=3600),  # another key, a real id
+        signer.sign(str(uuid.uuid4()), ttl_seconds=3600),  # authentic, but no such export
+        f"{payload}.{expiry}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}",  # altered mac
+    ]
+    pages = [client.get(f"/download/{guess}") for guess in guesses]
+    assert [p.status_code for p in pages] == [404] * len(guesses)
+    assert len({p.data for p in pages}) == 1, "every refusal looks the same"
+    with app.sessions.begin() as session:
+        session.execute(update(ExportRow).values(revoked_at=datetime.now(UTC)))
+    revoked = client.get(path)
+    assert revoked.status_code == 404
+    assert revoked.data == pages[0].data  # a revoked export is not told apart from none
+    assert revoked.mimetype == "text/html"
+    assert downloads(app) == 0
+
+
+def test_a_download_link_past_its_signed_expiry_is_gone_and_counts_nothing(app, bus, web):
+    finished_access(app, bus, web)
+    with app.sessions() as session:
+        export_id = session.execute(select(ExportRow.id)).scalar_one()
+    stale = app.keys.signer(DOWNLOAD_PURPOSE).sign(
+        export_id, ttl_seconds=60, now=time.time() - 3600
+    )
+    response = web.test_client().get(f"/download/{stale}")
+    assert response.status_code == 410
+    assert b"expired" in response.data
+    assert downloads(app) == 0
 
 
 def test_a_verification_token_is_not_a_download_token(app, bus, web):
