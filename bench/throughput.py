@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import email.policy
 import io
 import json
 import logging
@@ -38,8 +39,10 @@ import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +72,7 @@ from pipeline.db import NotificationRow, OutboxRow, RequestRow, StoreTaskRow  # 
 from pipeline.errors import TransientError  # noqa: E402
 from pipeline.handlers import handle  # noqa: E402
 from pipeline.intake import submit  # noqa: E402
-from pipeline.mailsink import MailSink, read_messages  # noqa: E402
+from pipeline.mailsink import MailSink  # noqa: E402
 from pipeline.migrate import upgrade  # noqa: E402
 from pipeline.outbox import Envelope  # noqa: E402
 from pipeline.services import redis_answers  # noqa: E402
@@ -282,13 +285,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[index]
 
 
-def latency_summary(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+def latency_summary(
+    samples: dict[str, list[float]], quantiles: Sequence[float] = (0.5, 0.95)
+) -> dict[str, dict[str, float]]:
+    """Per kind: n, mean, the quantiles asked for (`p50_s`, `p95_s`, ...) and max, in s."""
     return {
         kind: {
             "n": len(v),
             "mean_s": round(statistics.fmean(v), 2),
-            "p50_s": round(percentile(v, 0.5), 2),
-            "p95_s": round(percentile(v, 0.95), 2),
+            **{f"p{round(100 * q)}_s": round(percentile(v, q), 2) for q in quantiles},
             "max_s": round(max(v), 2),
         }
         for kind, v in sorted(samples.items())
@@ -366,18 +371,41 @@ class StateProbe:
         self.engine.dispose()
 
 
-def mail_report(folder: Path, prefix: str) -> dict[str, Any]:
-    """Mails per request (one acknowledgement and one outcome expected) and duplicates."""
-    per_request: Counter[str] = Counter()
-    ids: Counter[str] = Counter()
+@dataclass(frozen=True)
+class SinkMail:
+    """One mail at the sink that names a request of the batch."""
+
+    request_id: str
+    message_id: str
+    arrived_at: float  # epoch seconds: the sink names each file by its UTC arrival time
+
+
+def sink_mails(folder: Path, prefix: str) -> list[SinkMail]:
+    """The mails at the sink for requests whose id starts with `prefix`, oldest first."""
     pattern = re.compile(rf"{re.escape(prefix)}-\d+")
-    for message in read_messages(folder):
+    parser = BytesParser(policy=email.policy.default)
+    found = []
+    for path in sorted(folder.glob("*.eml")):
+        message = parser.parsebytes(path.read_bytes())
+        assert isinstance(message, EmailMessage)
         body = message.get_body(("plain",))
         match = pattern.search(body.get_content() if body is not None else "")
         if match is None:
             continue
-        per_request[match.group(0)] += 1
-        ids[str(message["Message-ID"])] += 1
+        stamp = datetime.strptime(path.name.split("-", 1)[0], "%Y%m%dT%H%M%S.%fZ")
+        found.append(
+            SinkMail(
+                match.group(0), str(message["Message-ID"]), stamp.replace(tzinfo=UTC).timestamp()
+            )
+        )
+    return found
+
+
+def mail_report(folder: Path, prefix: str) -> dict[str, Any]:
+    """Mails per request (one acknowledgement and one outcome expected) and duplicates."""
+    mails = sink_mails(folder, prefix)
+    per_request = Counter(m.request_id for m in mails)
+    ids = Counter(m.message_id for m in mails)
     return {
         "mails": sum(per_request.values()),
         "duplicate_message_ids": sorted(m for m, n in ids.items() if n > 1),
@@ -390,19 +418,78 @@ def submit_all(app_bus: Any, docs: Sequence[dict[str, Any]]) -> None:
         submit(doc, bus=app_bus)
 
 
-def run_real(opts: Options, run_id: str, folder: Path) -> RealRun:
-    data_dir = folder / "data"
-    people, stores = seed_people(data_dir, opts.requests + len(TYPE_MIX))
-    warm_people, batch_people = split_people(people, len(TYPE_MIX))
-    prefix = f"bench-{run_id}"
-    warmup = warmup_batch(warm_people, f"warm-{run_id}")
-    batch = plan_batch(opts.requests, batch_people, prefix=prefix)
-    namespace = f"bench-real-{run_id}"
+def mail_count(folder: Path) -> int:
+    return sum(1 for _ in folder.glob("*.eml"))
+
+
+def settled(
+    probe: StateProbe, folder: Path, total: int, mails_before: int
+) -> Callable[[], tuple[bool, str]]:
+    """For `wait_until`: all `total` requests final, and each has its mails at the sink
+    (an acknowledgement each, and an outcome for each one done)."""
+
+    def check() -> tuple[bool, str]:
+        states = probe.states()
+        final = sum(states[s] for s in FINAL)
+        sent = mail_count(folder) - mails_before
+        status = f"{final}/{total} final, {sent} mails, {dict(states)}"
+        return final == total and sent >= sum(states.values()) + states["done"], status
+
+    return check
+
+
+def warm_up(
+    app: App,
+    key: bytes,
+    url: str,
+    warmup: list[BenchRequest],
+    prefix: str,
+    folder: Path,
+    *,
+    timeout: float,
+    alive: Callable[[], None],
+) -> int:
+    """The untimed warm-up through a started stack; returns the mails at the sink after it."""
+    probe = StateProbe(url, prefix)
+    try:
+        print(f"-- real: warming up with {len(warmup)} requests", flush=True)
+        submit_all(app.bus, [document(r, key) for r in warmup])
+        check = settled(probe, folder, len(warmup), 0)
+        wait_until(check, timeout=timeout, label="warm-up", alive=alive)
+    finally:
+        probe.close()
+    return mail_count(folder)
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    """The real pipeline, started and warmed up: what a timed run submits to and reads."""
+
+    app: App
+    key: bytes  # the demo intake key that signs the assertions
+    url: str  # the state database
+    sink: MailSink
+    stack: LocalStack
+    warm_mails: int  # mails at the sink after the warm-up
+
+
+@contextmanager
+def running_stack(
+    opts: Options,
+    folder: Path,
+    data_dir: Path,
+    namespace: str,
+    warmup: list[BenchRequest],
+    warm_prefix: str,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[RunningStack]:
+    """A fresh state database, a mail sink, the real worker and scheduler processes on
+    their own queue namespace, and the untimed warm-up; all stopped and removed after."""
     with (
         state_database(opts.database, folder, opts.pg_admin_url) as url,
         MailSink(folder / "mail", port=0) as sink,
     ):
-        env = pipeline_env(opts, data_dir, url, namespace, sink.port)
+        env = {**pipeline_env(opts, data_dir, url, namespace, sink.port), **(extra_env or {})}
         app = App(Settings.from_env(env))
         upgrade(app.engine)
         key = app.keys.intake_keys["allego-app"]  # writes the demo keys before workers start
@@ -414,61 +501,62 @@ def run_real(opts: Options, run_id: str, folder: Path) -> RealRun:
             web=False,
             scheduler=True,
         )
-        probe = StateProbe(url, prefix)
-        warm_probe = StateProbe(url, f"warm-{run_id}")
-        mails = lambda: sum(1 for _ in sink.folder.glob("*.eml"))  # noqa: E731
         try:
             stack.start()
-            print(f"-- real: warming up with {len(warmup)} requests", flush=True)
-            submit_all(app.bus, [document(r, key) for r in warmup])
-
-            def warm_check() -> tuple[bool, str]:
-                states = warm_probe.states()
-                final = sum(states[s] for s in FINAL)
-                return final == len(warmup) and mails() >= 2 * len(warmup), f"{dict(states)}"
-
-            wait_until(warm_check, timeout=opts.timeout, label="warm-up", alive=stack.check_alive)
-            warm_mails = mails()
-            window = Window(
-                stack.children["worker"].pid, {"scheduler": stack.children["scheduler"].pid}
+            warm_mails = warm_up(
+                app,
+                key,
+                url,
+                warmup,
+                warm_prefix,
+                sink.folder,
+                timeout=opts.timeout,
+                alive=stack.check_alive,
             )
-            print(f"-- real: submitting {len(batch)} requests", flush=True)
-            docs = [document(r, key) for r in batch]
-            started = time.time()
-            submit_all(app.bus, docs)
-            submitted = time.time() - started
-
-            def check() -> tuple[bool, str]:
-                states = probe.states()
-                final = sum(states[s] for s in FINAL)
-                expected_mails = warm_mails + sum(states.values()) + states["done"]
-                sent = mails()
-                status = f"{final}/{len(batch)} final, {sent - warm_mails} mails, {dict(states)}"
-                return final == len(batch) and sent >= expected_mails, status
-
-            wait_until(check, timeout=opts.timeout, label="real", alive=stack.check_alive)
-            rows = probe.requests()
-            done_at = [r.completed_at.timestamp() for r in rows if r.completed_at]
-            drained_at = max((f.stat().st_mtime for f in sink.folder.glob("*.eml")), default=0)
-            wall = max(drained_at, *done_at) - started if done_at else time.time() - started
-            usage = window.stop(wall)
-            result = real_result(opts, rows, batch, probe, wall, submitted, started, done_at)
-            result.update(usage)
+            yield RunningStack(app, key, url, sink, stack, warm_mails)
         finally:
             stack.stop()
             app.broker.close()
             app.close()
             drop_namespace(opts.broker_url, namespace)
-        result["mail"] = mail_report(sink.folder, prefix)
-        result["worker_log"] = count_log_events(folder / "logs" / "worker.log", WORKER_LOG_EVENTS)
-        result["scheduler_log"] = count_log_events(
-            folder / "logs" / "scheduler.log", SCHEDULER_LOG_EVENTS
+
+
+def run_real(opts: Options, run_id: str, folder: Path) -> RealRun:
+    data_dir = folder / "data"
+    people, stores = seed_people(data_dir, opts.requests + len(TYPE_MIX))
+    warm_people, batch_people = split_people(people, len(TYPE_MIX))
+    prefix = f"bench-{run_id}"
+    warmup = warmup_batch(warm_people, f"warm-{run_id}")
+    batch = plan_batch(opts.requests, batch_people, prefix=prefix)
+    namespace = f"bench-real-{run_id}"
+    with running_stack(opts, folder, data_dir, namespace, warmup, f"warm-{run_id}") as real:
+        probe = StateProbe(real.url, prefix)
+        window = Window(
+            real.stack.children["worker"].pid, {"scheduler": real.stack.children["scheduler"].pid}
         )
+        print(f"-- real: submitting {len(batch)} requests", flush=True)
+        docs = [document(r, real.key) for r in batch]
+        started = time.time()
+        submit_all(real.app.bus, docs)
+        submitted = time.time() - started
+        check = settled(probe, real.sink.folder, len(batch), real.warm_mails)
+        wait_until(check, timeout=opts.timeout, label="real", alive=real.stack.check_alive)
+        rows = probe.requests()
+        done_at = [r.completed_at.timestamp() for r in rows if r.completed_at]
+        drained_at = max((f.stat().st_mtime for f in real.sink.folder.glob("*.eml")), default=0)
+        wall = max(drained_at, *done_at) - started if done_at else time.time() - started
+        result = real_result(opts, rows, batch, probe, wall, submitted, started, done_at)
+        result.update(window.stop(wall))
         plans = hop_plans(batch, rows, probe.task_counts(), stores)
-        result.update(throughput(result["requests"], wall, sum(p.messages for p in plans.values())))
         result["real_messages"] = probe.messages()
         probe.close()
-        warm_probe.close()
+    # after the processes stopped: every log line and mail is in its file
+    result["mail"] = mail_report(folder / "mail", prefix)
+    result["worker_log"] = count_log_events(folder / "logs" / "worker.log", WORKER_LOG_EVENTS)
+    result["scheduler_log"] = count_log_events(
+        folder / "logs" / "scheduler.log", SCHEDULER_LOG_EVENTS
+    )
+    result.update(throughput(result["requests"], wall, sum(p.messages for p in plans.values())))
     return RealRun(batch, warmup, plans, result)
 
 
@@ -671,13 +759,10 @@ def profile_summary(stats: pstats.Stats, top: int) -> dict[str, Any]:
     by_package: defaultdict[str, float] = defaultdict(float)
     for (filename, _line, func), (_cc, _nc, tt, _ct, _callers) in raw.items():
         by_package[package_of(filename, func)] += tt
-    rows = sorted(raw.items(), key=lambda kv: kv[1][3], reverse=True)[:top]
-    return {
-        "own_time_by_package": {
-            k: {"s": round(v, 3), "share": round(v / total, 3)}
-            for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])[:15]
-        },
-        "top_cumulative": [
+
+    def top_by(column: int) -> list[dict[str, Any]]:
+        rows = sorted(raw.items(), key=lambda kv: kv[1][column], reverse=True)[:top]
+        return [
             {
                 "function": f"{Path(f).name}:{line}({func})" if f != "~" else func,
                 "calls": nc,
@@ -685,7 +770,15 @@ def profile_summary(stats: pstats.Stats, top: int) -> dict[str, Any]:
                 "cumulative_s": round(ct, 3),
             }
             for (f, line, func), (_cc, nc, tt, ct, _callers) in rows
-        ],
+        ]
+
+    return {
+        "own_time_by_package": {
+            k: {"s": round(v, 3), "share": round(v / total, 3)}
+            for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])[:15]
+        },
+        "top_cumulative": top_by(3),
+        "top_own": top_by(2),
     }
 
 
@@ -709,27 +802,37 @@ def run_profile(opts: Options, run_id: str, folder: Path, stamp: str) -> dict[st
         MailSink(folder / "mail", port=0) as sink,
     ):
         settings = Settings.from_env(pipeline_env(opts, data_dir, url, "unused", sink.port))
-        app = App(settings)
-        bus = InlineBus(app)
-        app.__dict__["bus"] = bus
-        upgrade(app.engine)
-        log_to_file(settings, folder / "logs" / "profile.log")
-        key = app.keys.intake_keys["allego-app"]
-        docs = [document(r, key) for r in batch]
-        profiler = cProfile.Profile()
-        began = time.perf_counter()
-        profiler.enable()
-        submit_all(bus, docs)
-        bus.drain()
-        profiler.disable()
-        wall = time.perf_counter() - began
-        app.close()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    prof_path = RESULTS / f"profile-{stamp}.prof"
+        return profile_pass(settings, batch, folder / "logs", RESULTS / f"profile-{stamp}.prof")
+
+
+def profile_pass(
+    settings: Settings, batch: list[BenchRequest], log_dir: Path, prof_path: Path
+) -> dict[str, Any]:
+    """Every message of `batch`, in this process and one thread, under cProfile.
+
+    `settings` name a fresh, empty state database; the stores are the ones they configure.
+    """
+    app = App(replace(settings, batch_window_ms=0))  # inline, in order: no coalescing
+    bus = InlineBus(app)
+    app.__dict__["bus"] = bus
+    upgrade(app.engine)
+    log_to_file(settings, log_dir / "profile.log")
+    key = app.keys.intake_keys["allego-app"]
+    docs = [document(r, key) for r in batch]
+    profiler = cProfile.Profile()
+    began = time.perf_counter()
+    profiler.enable()
+    submit_all(bus, docs)
+    bus.drain()
+    profiler.disable()
+    wall = time.perf_counter() - began
+    app.close()
+    prof_path.parent.mkdir(parents=True, exist_ok=True)
     profiler.dump_stats(prof_path)
-    out = io.StringIO()
+    out, own = io.StringIO(), io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("cumulative").print_stats(25)
+    pstats.Stats(profiler, stream=own).sort_stats("tottime").print_stats(25)
     summary = profile_summary(stats, 25)
     return {
         "requests": len(batch),
@@ -746,7 +849,10 @@ def run_profile(opts: Options, run_id: str, folder: Path, stamp: str) -> dict[st
         },
         **summary,
         "pstats_top25": out.getvalue(),
-        "prof_file": str(prof_path.relative_to(REPO)),
+        "pstats_top25_own": own.getvalue(),
+        "prof_file": str(
+            prof_path.relative_to(REPO) if prof_path.is_relative_to(REPO) else prof_path
+        ),
     }
 
 
@@ -787,19 +893,23 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"   !! not done: {item}")
     profile = result.get("profile")
     if profile:
+        print_profile(profile)
+
+
+def print_profile(profile: dict[str, Any]) -> None:
+    print(
+        f"\n== Profile: {profile['requests']} requests in one thread, "
+        f"{profile['wall_s_under_profiler']}s under cProfile ({profile['prof_file']})"
+    )
+    for actor, s in profile["stage_seconds"].items():
         print(
-            f"\n== Profile: {profile['requests']} requests in one thread, "
-            f"{profile['wall_s_under_profiler']}s under cProfile ({profile['prof_file']})"
+            f"   {actor:<16} {s['calls']:>5} calls {s['total_s']:>8.2f}s "
+            f"{s['mean_ms']:>8.1f} ms/call"
         )
-        for actor, s in profile["stage_seconds"].items():
-            print(
-                f"   {actor:<16} {s['calls']:>5} calls {s['total_s']:>8.2f}s "
-                f"{s['mean_ms']:>8.1f} ms/call"
-            )
-        print("   own time by package:")
-        for pkg, v in profile["own_time_by_package"].items():
-            print(f"     {pkg:<24} {v['s']:>8.2f}s {100 * v['share']:>5.1f}%")
-        print(profile["pstats_top25"])
+    print("   own time by package:")
+    for pkg, v in profile["own_time_by_package"].items():
+        print(f"     {pkg:<24} {v['s']:>8.2f}s {100 * v['share']:>5.1f}%")
+    print(profile["pstats_top25"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

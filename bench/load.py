@@ -1,0 +1,931 @@
+"""Load generator: the pipeline end to end against one large PostgreSQL product store.
+
+    .venv/bin/python bench/load.py [--users 100000] --mode batch --requests 200 --mix access
+    .venv/bin/python bench/load.py --mode rate --rate 2 --duration 60 --mix mixed [--profile]
+
+1. Store: a fresh PostgreSQL database holding the shop of `bench/shop_store.py` (users,
+   orders, payment cards, videos, comments, login events: 23 rows per person, every
+   foreign key indexed), generated in the database; a mapping TOML and a stores TOML
+   naming only that store, which the pipeline reads through `PRIVACY_STORES_CONFIG`.
+2. Real run: a fresh state database (PostgreSQL by default), a mail sink, and the real
+   worker and scheduler processes (`LocalStack`). After an untimed warm-up of one
+   request of each type, the requests go in as one batch (`--mode batch`) or at a
+   fixed arrival rate (`--mode rate`): `--mix access`, `erase` or `mixed` (all five
+   types), pre-verified by the signed intake assertion, each aimed at its own user.
+   Measured: completed/s over the window from the first submission to the last
+   completion or mail, latency per request (received -> completed, and -> the last
+   mail at the sink), RSS and CPU per process (sampled from /proc), PostgreSQL's and
+   Redis's CPU; then what the requests did (states, one acknowledgement and one outcome
+   mail each and no duplicate, one encrypted archive per access, the store: erased
+   people gone, everyone else untouched) and whether any request starved.
+3. No-op run (`--no-noop` skips it): `bench.noop_actors` with the same processes,
+   threads and broker, replaying the hops each request cost, as a batch: the ratio
+   real / no-op completed/s.
+4. `--profile`: the in-process cProfile pass of bench/throughput.py over this store.
+   `--py-spy`: py-spy samples the real workers' stacks during the real run (py-spy is
+   not a dependency: `.venv/bin/pip install py-spy`).
+
+Prints a table, writes bench/results/load-<timestamp>.json and a plot (latency of each
+request over its submission time, completed/s, worker RSS and CPU) as load-<timestamp>.png.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make `bench` and `pipeline` importable
+    sys.path.insert(0, str(REPO))
+
+import sqlalchemy as sa  # noqa: E402
+
+from bench import throughput as tp  # noqa: E402
+from bench.connector_scale import PG_ADMIN_URL, store_url  # noqa: E402
+from bench.procstats import _stat_fields, _status_kb  # noqa: E402
+from bench.shop_store import (  # noqa: E402
+    Targets,
+    build_store,
+    effects,
+    fingerprint,
+    shopper,
+    table_sizes,
+    write_config,
+)
+from bench.workload import TYPE_MIX, BenchRequest, document, type_counts  # noqa: E402
+from pipeline.bootstrap import App  # noqa: E402
+from pipeline.db import ExportRow  # noqa: E402
+from pipeline.intake import submit  # noqa: E402
+from pipeline.mailsink import MailSink  # noqa: E402
+from pipeline.services import redis_answers  # noqa: E402
+from pipeline.settings import Settings  # noqa: E402
+
+MIXES: dict[str, dict[str, int]] = {
+    "access": {"access": 1},
+    "erase": {"erase": 1},
+    "mixed": TYPE_MIX,
+}
+QUANTILES = (0.5, 0.95, 0.99)
+SAMPLE_SECONDS = 1.0
+STARVED_FACTOR = 2.0  # a request waiting more than this many times the p99 is starved
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    users: int = 100_000
+    mode: str = "batch"  # batch | rate
+    requests: int = 200  # batch size
+    rate: float = 2.0  # requests per second, --mode rate
+    duration: float = 60.0  # seconds of arrivals, --mode rate
+    mix: str = "mixed"
+    processes: int = 2
+    threads: int = 4
+    database: str = "postgresql"
+    noop: bool = True
+    profile: bool = False
+    profile_requests: int = 50
+    py_spy: bool = False
+    timeout: float = 1800
+    seed: int = 7
+    broker_url: str = Settings.broker_url
+    pg_admin_url: str = PG_ADMIN_URL
+    results_dir: Path = tp.RESULTS
+    plot: bool = True
+    keep: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.requests if self.mode == "batch" else round(self.rate * self.duration)
+
+    def throughput_options(self) -> tp.Options:
+        """The same run as bench/throughput.py sees it (its no-op run and helpers)."""
+        return tp.Options(
+            self.total,
+            self.processes,
+            self.threads,
+            self.database,
+            self.profile,
+            self.profile_requests,
+            self.timeout,
+            self.broker_url,
+            self.pg_admin_url,
+            self.keep,
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--users", type=int, default=100_000, help="people in the store (100,000)")
+    p.add_argument("--mode", choices=("batch", "rate"), default="batch")
+    p.add_argument("--requests", type=int, default=200, help="batch size (--mode batch)")
+    p.add_argument("--rate", type=float, default=2.0, help="arrivals per second (--mode rate)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (rate)")
+    p.add_argument("--mix", choices=tuple(MIXES), default="mixed")
+    p.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
+    p.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
+    p.add_argument("--no-noop", dest="noop", action="store_false", help="skip the no-op run")
+    p.add_argument("--profile", action="store_true", help="add the in-process cProfile pass")
+    p.add_argument("--profile-requests", type=int, default=50)
+    p.add_argument(
+        "--py-spy",
+        action="store_true",
+        help="sample the real workers' stacks with py-spy during the run (pip install py-spy)",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
+    p.add_argument("--seed", type=int, default=7, help="who gets which request")
+    p.add_argument(
+        "--broker-url", default=os.environ.get("PRIVACY_BROKER_URL", Settings.broker_url)
+    )
+    p.add_argument("--pg-admin-url", default=PG_ADMIN_URL, help="where to create the databases")
+    p.add_argument("--results-dir", type=Path, default=tp.RESULTS, help="bench/results")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+    p.add_argument("--keep", action="store_true", help="keep the store database and work folder")
+    a = vars(p.parse_args(argv))
+    return LoadOptions(**a)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Who gets which request: every request of the run aims at a user of its own."""
+
+    warmup: list[BenchRequest]
+    batch: list[BenchRequest]
+    profile: list[BenchRequest]
+    user_of: dict[str, int]  # email -> user id in the store
+
+    def targets(self) -> Targets:
+        """The users whose store rows the real run (warm-up and batch) changes."""
+        by_kind: dict[str, set[int]] = defaultdict(set)
+        for r in (*self.warmup, *self.batch):
+            by_kind[r.kind].add(self.user_of[r.person.email])
+        return Targets(
+            frozenset(by_kind["erase"]),
+            frozenset(by_kind["correct"]),
+            frozenset(by_kind["opt_out"]),
+        )
+
+
+def plan(opts: LoadOptions, run_id: str) -> Plan:
+    kinds = [k for k, n in type_counts(opts.total, MIXES[opts.mix]).items() for _ in range(n)]
+    profile_kinds = [k for k, n in type_counts(opts.profile_requests).items() for _ in range(n)]
+    rng = random.Random(opts.seed)
+    rng.shuffle(kinds)
+    rng.shuffle(profile_kinds)
+    needed = len(TYPE_MIX) + len(kinds) + (len(profile_kinds) if opts.profile else 0)
+    if needed > opts.users:
+        raise SystemExit(f"{needed} requests need as many users; the store has {opts.users}")
+    users = rng.sample(range(1, opts.users + 1), needed)
+    people = [shopper(g) for g in users]
+    warm, rest = people[: len(TYPE_MIX)], people[len(TYPE_MIX) :]
+    return Plan(
+        warmup=tp.warmup_batch(warm, f"warm-{run_id}"),
+        batch=[
+            BenchRequest(f"load-{run_id}-{i:05d}", k, p)
+            for i, (k, p) in enumerate(zip(kinds, rest, strict=False))
+        ],
+        profile=[
+            BenchRequest(f"prof-{run_id}-{i:05d}", k, p)
+            for i, (k, p) in enumerate(zip(profile_kinds, rest[len(kinds) :], strict=False))
+        ]
+        if opts.profile
+        else [],
+        user_of={p.email: g for p, g in zip(people, users, strict=True)},
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    fields = _stat_fields(pid)
+    return (
+        None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    )
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[2]) == pgid:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _pids_named(names: tuple[str, ...]) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in names:
+                found[int(entry.name)] = comm
+    return found
+
+
+@dataclass
+class ProcessSampler:
+    """Samples RSS and CPU of each process of the pipeline's groups while the load runs.
+
+    Per process: CPU seconds used in the window, resident memory now and at its peak
+    (VmHWM). Over time: the worker group's summed RSS and CPU, for the plot. PostgreSQL
+    and Redis: CPU of every process of that name on the machine (so anything else they
+    serve at the time counts too).
+    """
+
+    groups: dict[str, int]  # role -> process group id
+    started: float = field(default_factory=time.time)
+    series: list[tuple[float, float, float]] = field(default_factory=list)  # t, MB, CPU s
+    _first_cpu: dict[int, float] = field(default_factory=dict)
+    _last: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _services: dict[int, tuple[str, float]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> ProcessSampler:
+        self._services = self._service_cpu()
+        self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self.sample()
+
+    @staticmethod
+    def _service_cpu() -> dict[int, tuple[str, float]]:
+        return {
+            pid: (name, cpu)
+            for pid, name in _pids_named(("postgres", "redis-server")).items()
+            if (cpu := _cpu_seconds(pid)) is not None
+        }
+
+    def sample(self) -> None:
+        rss_kb = 0
+        cpu = 0.0
+        for role, pgid in self.groups.items():
+            for pid in _group_pids(pgid):
+                seconds = _cpu_seconds(pid)
+                if seconds is None:
+                    continue
+                self._first_cpu.setdefault(pid, seconds)
+                rss = _status_kb(pid, "VmRSS")
+                self._last[pid] = {
+                    "role": role if pid != pgid else f"{role} (main)",
+                    "pid": pid,
+                    "rss_mb": round(rss / 1024, 1),
+                    "peak_rss_mb": round(_status_kb(pid, "VmHWM") / 1024, 1),
+                    "cpu_s": round(seconds - self._first_cpu[pid], 2),
+                }
+                if role == "worker":
+                    rss_kb += rss
+                    cpu += seconds - self._first_cpu[pid]
+        self.series.append((time.time() - self.started, rss_kb / 1024, cpu))
+
+    def stop(self, wall: float) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        processes = sorted(self._last.values(), key=lambda p: (p["role"], p["pid"]))
+        for p in processes:
+            p["cpu_util"] = round(p["cpu_s"] / wall, 3) if wall else None
+        workers = [p for p in processes if p["role"].startswith("worker")]
+        services: dict[str, float] = defaultdict(float)
+        for pid, (name, cpu) in self._service_cpu().items():
+            services[name] += cpu - self._services.get(pid, (name, 0.0))[1]
+        return {
+            "processes": processes,
+            "worker_rss_mb_sum_peak": round(max((mb for _, mb, _ in self.series), default=0), 1),
+            "worker_rss_mb_sum_of_peaks": round(sum(p["peak_rss_mb"] for p in workers), 1),
+            "service_cpu_s": {k: round(v, 2) for k, v in sorted(services.items())},
+            "series": [
+                {"t": round(t, 1), "worker_rss_mb": round(mb, 1), "worker_cpu_s": round(c, 2)}
+                for t, mb, c in self.series
+            ],
+        }
+
+
+def py_spy_binary() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return found if Path(found).is_file() else None
+
+
+@dataclass
+class PySpy:
+    """py-spy sampling the worker processes' on-CPU stacks while the load runs.
+
+    Unlike the cProfile pass, this is the real thing: several processes and threads,
+    the real broker and mail server, and no profiler overhead in the workers (py-spy
+    reads their memory from outside, without pausing them).
+    """
+
+    pid: int
+    out: Path
+    rate: int = 50  # samples per second
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PySpy:
+        binary = py_spy_binary()
+        if binary is None:
+            raise RuntimeError(
+                "--py-spy: no py-spy found; install it: .venv/bin/pip install py-spy"
+            )
+        log = self.out.with_suffix(".log").open("wb")
+        self._proc = subprocess.Popen(
+            [binary, "record", "--pid", str(self.pid), "--subprocesses", "--nonblocking"]
+            + [
+                "--format",
+                "raw",
+                "--nolineno",
+                "--rate",
+                str(self.rate),
+                "--output",
+                str(self.out),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # a background job ignores SIGINT, and so would its children: py-spy stops on it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        log.close()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if not self.out.is_file():
+            return {"error": self.out.with_suffix(".log").read_text(errors="replace")[-2000:]}
+        return stacks_summary(self.out)
+
+
+def stacks_summary(path: Path, top: int = 25) -> dict[str, Any]:
+    """Top functions by own and by cumulative samples, and own samples per package, from
+    py-spy's collapsed stacks (`frame;frame;... count`, frames as `function (module/file.py)`)."""
+    own: Counter[str] = Counter()
+    cumulative: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        if not count.isdigit() or not frames:
+            continue
+        n = int(count)
+        total += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            cumulative[frame] += n
+        module = frames[-1].rpartition("(")[2].rstrip(")")
+        packages[module.split("/", 1)[0].removesuffix(".py") or "?"] += n
+
+    def rows(counter: Counter[str], limit: int) -> list[dict[str, Any]]:
+        return [
+            {"function": f, "samples": n, "share": round(n / total, 3)}
+            for f, n in counter.most_common(limit)
+        ]
+
+    return {
+        "samples": total,
+        "file": str(path),
+        "own_by_package": rows(packages, 15),
+        "top_own": rows(own, top),
+        "top_cumulative": rows(cumulative, top),
+    }
+
+
+# --------------------------------------------------------------------------- real run
+
+
+def submit_paced(
+    app: App, key: bytes, batch: list[BenchRequest], rate: float | None, probe: tp.StateProbe
+) -> dict[str, float]:
+    """Submits each request when it is due (all at once without a rate); when each went."""
+    submitted: dict[str, float] = {}
+    started = time.time()
+    next_print = started + 10
+    for i, request in enumerate(batch):
+        if rate:
+            delay = started + i / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+        submitted[request.request_id] = time.time()
+        submit(document(request, key), bus=app.bus)
+        if time.time() >= next_print:
+            print(f"   submitted {i + 1}/{len(batch)}: {dict(probe.states())}", flush=True)
+            next_print += 10
+    return submitted
+
+
+def exports_report(app: App, url: str, access_ids: set[str]) -> dict[str, Any]:
+    """One export row and one encrypted archive per access request, nothing else."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = Counter(
+                rid
+                for (rid,) in conn.execute(
+                    sa.select(ExportRow.request_id).where(ExportRow.request_id.in_(access_ids))
+                )
+            )
+    finally:
+        engine.dispose()
+    files: dict[str, list[str]] = {}
+    plain = []
+    for rid in sorted(access_ids):
+        folder = app.settings.exports_dir / rid
+        files[rid] = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        archive = folder / "archive.zip.enc"
+        if archive.is_file() and archive.open("rb").read(2) == b"PK":
+            plain.append(rid)
+    return {
+        "access_requests": len(access_ids),
+        "export_rows": sum(rows.values()),
+        "duplicate_export_rows": sorted(r for r, n in rows.items() if n > 1),
+        "without_archive": sorted(
+            r for r, names in files.items() if "archive.zip.enc" not in names
+        ),
+        "extra_files": {r: n for r, n in files.items() if n and n != ["archive.zip.enc"]},
+        "unencrypted": plain,
+    }
+
+
+def overtaken(order: list[tuple[float, float]]) -> list[int]:
+    """For (submitted, finished) pairs in submission order: how many requests submitted
+    later finished before each one (0 everywhere is first come, first served)."""
+    later: list[float] = []
+    counts = []
+    for _, finished in reversed(order):
+        counts.append(bisect.bisect_left(later, finished))
+        bisect.insort(later, finished)
+    return counts[::-1]
+
+
+def per_request(
+    rows: list[Any], submitted: dict[str, float], mails: list[tp.SinkMail]
+) -> list[dict[str, Any]]:
+    last_mail: dict[str, float] = {}
+    for m in mails:
+        last_mail[m.request_id] = max(m.arrived_at, last_mail.get(m.request_id, 0.0))
+    first = min(submitted.values())
+    out = []
+    for r in sorted(rows, key=lambda r: submitted.get(r.id, 0.0)):
+        received = r.received_at.timestamp()
+        completed = r.completed_at.timestamp() if r.completed_at else None
+        mail = last_mail.get(r.id)
+        out.append(
+            {
+                "request_id": r.id,
+                "type": r.type,
+                "state": r.state,
+                "submitted_s": round(submitted.get(r.id, received) - first, 3),
+                "done_s": round(completed - received, 3) if completed else None,
+                "mail_s": round(mail - received, 3) if mail else None,
+                "finished_s": round(max(completed or 0, mail or 0) - first, 3),
+            }
+        )
+    return out
+
+
+def starvation(requests: list[dict[str, Any]], span: float) -> dict[str, Any]:
+    """Did any request wait much longer than the rest (or than the run)?"""
+    waits = [r["mail_s"] for r in requests if r["mail_s"] is not None]
+    if not waits:
+        return {}
+    p99 = tp.percentile(waits, 0.99)
+    counts = overtaken([(r["submitted_s"], r["finished_s"]) for r in requests])
+    starved = [
+        r["request_id"] for r in requests if r["mail_s"] and r["mail_s"] > STARVED_FACTOR * p99
+    ]
+    arrivals = [r["submitted_s"] for r in requests]
+    trend = (  # paced arrivals only: does the wait grow as they keep coming?
+        statistics.linear_regression(arrivals, [r["mail_s"] or 0 for r in requests])
+        if len(requests) > 2 and max(arrivals) - min(arrivals) >= 1
+        else None
+    )
+    return {
+        "max_s": round(max(waits), 2),
+        "p99_s": round(p99, 2),
+        "max_over_p99": round(max(waits) / p99, 2) if p99 else None,
+        "p50_over_span": round(tp.percentile(waits, 0.5) / span, 2) if span else None,
+        "starved_factor": STARVED_FACTOR,
+        "starved": starved,
+        "unfinished": [r["request_id"] for r in requests if r["mail_s"] is None],
+        "overtaken_max": max(counts),
+        "overtaken_mean": round(statistics.fmean(counts), 1),
+        "latency_slope_s_per_s": round(trend.slope, 3) if trend else None,
+    }
+
+
+def latency(requests: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
+    samples: dict[str, list[float]] = defaultdict(list)
+    for r in requests:
+        if r[key] is not None:
+            samples[r["type"]].append(r[key])
+            samples["all"].append(r[key])
+    return tp.latency_summary(samples, QUANTILES)
+
+
+def run_real(
+    opts: LoadOptions, run_id: str, folder: Path, store: Path, the_plan: Plan
+) -> tp.RealRun:
+    prefix = f"load-{run_id}"
+    batch = the_plan.batch
+    with tp.running_stack(
+        opts.throughput_options(),
+        folder,
+        folder / "data",
+        f"load-real-{run_id}",
+        the_plan.warmup,
+        f"warm-{run_id}",
+        {"PRIVACY_STORES_CONFIG": str(store)},
+    ) as real:
+        probe = tp.StateProbe(real.url, prefix)
+        groups = {role: real.stack.children[role].pid for role in ("worker", "scheduler")}
+        window = tp.Window(groups["worker"], {"scheduler": groups["scheduler"]})
+        sampler = ProcessSampler(groups).start()
+        spy = PySpy(groups["worker"], folder / "py-spy.txt").start() if opts.py_spy else None
+        how = f"at {opts.rate}/s for {opts.duration:g} s" if opts.mode == "rate" else "at once"
+        print(f"-- real: submitting {len(batch)} {opts.mix} requests {how}", flush=True)
+        rate = opts.rate if opts.mode == "rate" else None
+        submitted = submit_paced(real.app, real.key, batch, rate, probe)
+        check = tp.settled(probe, real.sink.folder, len(batch), real.warm_mails)
+        tp.wait_until(check, timeout=opts.timeout, label="load", alive=real.stack.check_alive)
+        rows = probe.requests()
+        requests = per_request(rows, submitted, tp.sink_mails(real.sink.folder, prefix))
+        first = min(submitted.values())
+        wall = max((r["finished_s"] for r in requests), default=time.time() - first)
+        processes = sampler.stop(wall)
+        stacks = spy.stop() if spy else None
+        usage = window.stop(wall)
+        access = {r.request_id for r in (*the_plan.warmup, *batch) if r.kind == "access"}
+        exports = exports_report(real.app, real.url, access)
+        plans = tp.hop_plans(batch, rows, probe.task_counts(), stores=1)
+        messages = probe.messages()
+        probe.close()
+    # after the processes stopped: every log line and mail is in its file
+    states = Counter(r.state for r in rows)
+    result: dict[str, Any] = {
+        "requests": len(batch),
+        "completed": states["done"],
+        "wall_s": round(wall, 3),
+        "completed_per_s": round(states["done"] / wall, 2) if wall else None,
+        "first_submit_at": datetime.fromtimestamp(first, UTC).isoformat(),
+        "submission_s": round(max(submitted.values()) - first, 3),
+        "offered_per_s": round(len(batch) / (max(submitted.values()) - first), 2)
+        if rate and len(batch) > 1
+        else None,
+        "states": dict(states),
+        "missing": sorted({b.request_id for b in batch} - {r.id for r in rows}),
+        "not_done": [
+            {"request_id": r.id, "type": r.type, "state": r.state, "reason": r.state_reason}
+            for r in rows
+            if r.state != "done"
+        ],
+        "latency_done": latency(requests, "done_s"),
+        "latency_mail": latency(requests, "mail_s"),
+        "starvation": starvation(requests, wall),
+        **usage,
+        **processes,
+        "mail": tp.mail_report(folder / "mail", prefix),
+        "exports": exports,
+        "worker_log": tp.count_log_events(folder / "logs" / "worker.log", tp.WORKER_LOG_EVENTS),
+        "scheduler_log": tp.count_log_events(
+            folder / "logs" / "scheduler.log", tp.SCHEDULER_LOG_EVENTS
+        ),
+        "messages": sum(p.messages for p in plans.values()),
+        "real_messages": messages,
+        "per_request": requests,
+    }
+    if stacks is not None:
+        result["py_spy"] = stacks
+    return tp.RealRun(batch, the_plan.warmup, plans, result)
+
+
+def run_profile(
+    opts: LoadOptions, run_id: str, folder: Path, store: Path, the_plan: Plan, stamp: str
+) -> dict[str, Any]:
+    """bench/throughput.py's cProfile pass, over the shop store, on other users."""
+    with (
+        tp.state_database(opts.database, folder, opts.pg_admin_url) as url,
+        MailSink(folder / "mail", port=0) as sink,
+    ):
+        env = tp.pipeline_env(opts.throughput_options(), folder / "data", url, "unused", sink.port)
+        env["PRIVACY_STORES_CONFIG"] = str(store)
+        return tp.profile_pass(
+            Settings.from_env(env),
+            the_plan.profile,
+            folder / "logs",
+            opts.results_dir / f"load-profile-{stamp}.prof",
+        )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def problems(result: dict[str, Any]) -> list[str]:
+    """What went wrong, in plain words: empty when every request did exactly its job."""
+    real = result["real"]
+    found = []
+    if real["missing"] or real["not_done"]:
+        found.append(f"not done: {len(real['missing'])} missing, {len(real['not_done'])} not done")
+    mail = real["mail"]
+    if mail["duplicate_message_ids"] or mail["requests_without_two_mails"]:
+        found.append(
+            f"mail: {len(mail['duplicate_message_ids'])} duplicate Message-IDs, "
+            f"{len(mail['requests_without_two_mails'])} requests without exactly two mails"
+        )
+    ex = real["exports"]
+    if (
+        ex["export_rows"] != ex["access_requests"]
+        or ex["duplicate_export_rows"]
+        or ex["without_archive"]
+        or ex["extra_files"]
+        or ex["unencrypted"]
+    ):
+        found.append(f"exports: {ex}")
+    if not result["store"]["effects"]["ok"]:
+        found.append(f"store effects: {result['store']['effects']}")
+    return found
+
+
+def run(opts: LoadOptions) -> dict[str, Any]:
+    """One whole load run; returns the result (also written as JSON and a plot)."""
+    run_id = uuid.uuid4().hex[:8]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    work = Path(tempfile.mkdtemp(prefix=f"privacy-load-{run_id}-"))
+    print(f"== privacy pipeline load run (work folder {work})", flush=True)
+    the_plan = plan(opts, run_id)
+    sizes = table_sizes(opts.users)
+    result: dict[str, Any] = {
+        "when": stamp,
+        "options": {**asdict(opts), "results_dir": str(opts.results_dir), "total": opts.total},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": os.getloadavg(),
+        },
+    }
+    with store_url("postgresql", opts.pg_admin_url, work, opts.keep) as store_db:
+        print(f"-- store: {opts.users:,} users, {sum(sizes.values()):,} rows", flush=True)
+        began = time.perf_counter()
+        steps = build_store(store_db, opts.users)
+        result["store"] = {
+            "rows": sizes,
+            "build_s": round(time.perf_counter() - began, 1),
+            "build_steps_s": steps,
+        }
+        stores = write_config(work / "config", store_db)
+        targets = the_plan.targets()
+        before = fingerprint(store_db, targets)
+        real = run_real(opts, run_id, work / "real", stores, the_plan)
+        result["real"] = real.result
+        result["store"]["effects"] = effects(store_db, targets, before)
+        result["machine"]["load_average_after"] = os.getloadavg()
+        if opts.noop:
+            result["noop"] = tp.run_noop(opts.throughput_options(), run_id, work / "noop", real)
+            noop_rate = result["noop"]["req_per_s"]
+            real_rate = real.result["completed_per_s"]
+            result["ratio"] = round(real_rate / noop_rate, 4) if real_rate and noop_rate else None
+        if opts.profile:
+            print(f"-- profile: {len(the_plan.profile)} requests in-process under cProfile")
+            result["profile"] = run_profile(opts, run_id, work / "profile", stores, the_plan, stamp)
+    result["problems"] = problems(result)
+    result["ok"] = not result["problems"]
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    stacks = result["real"].get("py_spy", {})
+    if stacks.get("file"):
+        kept = opts.results_dir / f"load-{stamp}-py-spy.txt"
+        shutil.copyfile(stacks["file"], kept)
+        stacks["file"] = str(kept)
+    path = opts.results_dir / f"load-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    result["json_file"] = str(path)
+    if opts.plot:
+        result["plot_file"] = str(plot(result, opts.results_dir / f"load-{stamp}.png"))
+    if opts.keep or not result["ok"]:
+        print(f"   work folder kept (logs, mail, exports): {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Latency of each request over its submission time; completed/s; worker RSS and CPU."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real = result["real"]
+    requests = real["per_request"]
+    fig, (lat, rate, mem) = plt.subplots(3, 1, figsize=(11, 11), sharex=True)
+    for kind in sorted({r["type"] for r in requests}):
+        mine = [r for r in requests if r["type"] == kind and r["mail_s"] is not None]
+        lat.scatter([r["submitted_s"] for r in mine], [r["mail_s"] for r in mine], s=10, label=kind)
+    lat.set_ylabel("latency to the outcome mail (s)")
+    lat.set_title(title(result), fontsize=10)
+    lat.legend(loc="upper left", fontsize=8)
+    lat.grid(alpha=0.3)
+
+    end = int(max((r["finished_s"] for r in requests), default=0)) + 1
+    done = Counter(int(r["finished_s"]) for r in requests if r["state"] == "done")
+    arrived = Counter(int(r["submitted_s"]) for r in requests)
+    seconds = list(range(end))
+    rate.bar(
+        seconds,
+        [done[s] for s in seconds],
+        width=1.0,
+        align="edge",
+        alpha=0.35,
+        label="completed in 1 s",
+    )
+    window = 10
+    smooth = [sum(done[s - i] for i in range(window)) / window for s in seconds]
+    rate.plot([s + 1 for s in seconds], smooth, label=f"completed/s (mean of {window} s)")
+    if result["options"]["mode"] == "rate":  # a batch is one spike at 0
+        rate.step(seconds, [arrived[s] for s in seconds], where="post", lw=0.8, label="submitted/s")
+    rate.set_ylabel("requests per second")
+    rate.legend(loc="upper left", fontsize=8)
+    rate.grid(alpha=0.3)
+
+    series = real["series"]
+    mem.plot([p["t"] for p in series], [p["worker_rss_mb"] for p in series], label="worker RSS MB")
+    mem.set_ylabel("worker RSS (MB, all processes)")
+    cpu = mem.twinx()
+    cores = [
+        (b["worker_cpu_s"] - a["worker_cpu_s"]) / max(1e-9, b["t"] - a["t"])
+        for a, b in zip(series, series[1:], strict=False)
+    ]
+    cpu.plot([p["t"] for p in series[1:]], cores, color="tab:red", lw=0.8, label="worker CPU")
+    cpu.set_ylabel("worker CPU (cores)")
+    mem.set_xlabel("seconds since the first submission")
+    mem.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def title(result: dict[str, Any]) -> str:
+    o, real = result["options"], result["real"]
+    how = (
+        f"batch of {o['total']}"
+        if o["mode"] == "batch"
+        else f"{o['rate']}/s for {o['duration']:g} s"
+    )
+    return (
+        f"{o['mix']} {how}, {o['users']:,} users, {o['processes']}x{o['threads']} workers, "
+        f"state DB {o['database']}: {real['completed_per_s']} completed/s"
+        + (f", no-op {result['noop']['req_per_s']}/s" if result.get("noop") else "")
+    )
+
+
+def print_report(result: dict[str, Any]) -> None:
+    real, store = result["real"], result["store"]
+    print(f"\n== Load: {title(result)}")
+    print(
+        f"   store: {sum(store['rows'].values()):,} rows, built in {store['build_s']} s "
+        f"{store['build_steps_s']}"
+    )
+    print(
+        f"   completed {real['completed']}/{real['requests']} in {real['wall_s']} s: "
+        f"{real['completed_per_s']} completed/s"
+        + (f" (offered {real['offered_per_s']}/s)" if real["offered_per_s"] else "")
+        + f"; submitting took {real['submission_s']} s"
+    )
+    noop = result.get("noop")
+    if noop:
+        paced = " (the real run was paced: not its capacity)" if real["offered_per_s"] else ""
+        print(
+            f"   no-op run of the same topology: {noop['req_per_s']} req/s, "
+            f"wall {noop['wall_s']} s, worker RSS {noop['worker_rss_mb']} MB: "
+            f"ratio real/no-op {result['ratio']}{paced}"
+        )
+    columns = " ".join(f"{c:>7}" for c in ("p50", "p95", "p99", "max"))
+    print(f"\n   {'type':<8} {'n':>5}  received -> completed (s)            -> last mail (s)")
+    print(f"   {'':<14} {columns}   {columns}")
+    for kind, d in real["latency_done"].items():
+        m = real["latency_mail"].get(kind, {})
+        done = " ".join(f"{d[k]:>7}" for k in ("p50_s", "p95_s", "p99_s", "max_s"))
+        mail = " ".join(f"{m.get(k, '-'):>7}" for k in ("p50_s", "p95_s", "p99_s", "max_s"))
+        print(f"   {kind:<8} {d['n']:>5} {done}   {mail}")
+    print(
+        f"\n   {'process':<20} {'pid':>7} {'RSS MB':>8} {'peak MB':>8} {'CPU s':>8} {'CPU/wall':>9}"
+    )
+    for p in real["processes"]:
+        print(
+            f"   {p['role']:<20} {p['pid']:>7} {p['rss_mb']:>8} {p['peak_rss_mb']:>8} "
+            f"{p['cpu_s']:>8} {p['cpu_util']!s:>9}"
+        )
+    machine = result["machine"]
+    print(
+        f"   worker processes together: RSS peak {real['worker_rss_mb_sum_peak']} MB "
+        f"(sum of each one's peak {real['worker_rss_mb_sum_of_peaks']} MB); "
+        f"CPU {real['worker_cpu_s']} s = {real['worker_cpu_util']} of the machine"
+    )
+    print(
+        f"   other CPU s: {real['other_cpu_s']}, services {real['service_cpu_s']}; "
+        f"machine busy {real['machine_cpu_util']}; load average before "
+        f"{machine['load_average_before']}, after {machine.get('load_average_after')}"
+    )
+    s = real["starvation"]
+    print(
+        f"\n   starvation: max {s.get('max_s')} s, p99 {s.get('p99_s')} s "
+        f"(max/p99 {s.get('max_over_p99')}); waited over {STARVED_FACTOR:g} x p99: "
+        f"{len(s.get('starved', []))}; unfinished: {len(s.get('unfinished', []))}; "
+        f"p50/span {s.get('p50_over_span')}; overtaken by later requests: max "
+        f"{s.get('overtaken_max')}, mean {s.get('overtaken_mean')}; latency slope "
+        f"{s.get('latency_slope_s_per_s')} s per s of arrivals"
+    )
+    print(
+        f"   states: {real['states']}; mail: {real['mail']['mails']} mails, duplicates "
+        f"{real['mail']['duplicate_message_ids']}; exports: {real['exports']['export_rows']} "
+        f"rows for {real['exports']['access_requests']} access requests"
+    )
+    e = store["effects"]
+    print(
+        f"   store: {e['erased']} erased (orders kept {e['erased_orders_retained']}/"
+        f"{e['erased_orders_expected']}), everyone else untouched: {not e['others_changed']}"
+    )
+    print(f"   worker log events: {real['worker_log']}; scheduler: {real['scheduler_log']}")
+    for problem in result["problems"]:
+        print(f"   !! {problem}")
+    if result.get("profile"):
+        tp.print_profile(result["profile"])
+        print(result["profile"]["pstats_top25_own"])
+    stacks = real.get("py_spy")
+    if stacks and "samples" in stacks:
+        print(
+            f"\n== py-spy on the real workers: {stacks['samples']} on-CPU samples "
+            f"({stacks['file']})"
+        )
+        for title_, key in (
+            ("own, by package", "own_by_package"),
+            ("own", "top_own"),
+            ("cumulative", "top_cumulative"),
+        ):
+            print(f"   by {title_}:")
+            for row in stacks[key]:
+                print(f"     {100 * row['share']:5.1f}% {row['samples']:>7}  {row['function']}")
+    print(
+        f"   results: {result.get('json_file')}"
+        + (f", {result['plot_file']}" if result.get("plot_file") else "")
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    # stopped with SIGTERM: unwind, so the processes, databases and Redis keys go too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if opts.py_spy and py_spy_binary() is None:
+        print(
+            "--py-spy: no py-spy found; install it: .venv/bin/pip install py-spy", file=sys.stderr
+        )
+        return 2
+    if not redis_answers(opts.broker_url):
+        print(f"no Redis answers at {opts.broker_url}", file=sys.stderr)
+        return 2
+    result = run(opts)
+    print_report(result)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
