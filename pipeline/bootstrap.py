@@ -53,9 +53,14 @@ class DramatiqBus:
     def outstanding(self) -> int | None:
         """For the Redis broker: every message not yet acknowledged, ready, delayed or in
         a worker's hands (`<ns>:<queue>.msgs`, `<ns>:<queue>.DQ.msgs`). A broker that is
-        down holds nothing we can count on; RabbitMQ is not counted (None)."""
+        down holds nothing we can count on. For RabbitMQ: the messages ready in each queue
+        and its delay queue (RabbitMQ does not count those a worker holds unacknowledged),
+        or None while it does not answer."""
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
         from dramatiq.brokers.redis import RedisBroker
 
+        if isinstance(self.broker, RabbitmqBroker):
+            return self._rabbitmq_ready(self.broker)
         if not isinstance(self.broker, RedisBroker):
             return None
         import redis
@@ -69,6 +74,21 @@ class DramatiqBus:
             return sum(int(n) for n in pipe.execute())
         except (redis.RedisError, OSError):
             return 0
+
+    @staticmethod
+    def _rabbitmq_ready(broker: Any) -> int | None:
+        import pika.exceptions
+
+        try:
+            return sum(
+                ready + delayed
+                for ready, delayed, _dead in map(
+                    broker.get_queue_message_counts, topology.ALL_QUEUES
+                )
+            )
+        except (pika.exceptions.AMQPError, OSError):
+            del broker.connection  # the next call opens a new one
+            return None
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:

@@ -8,6 +8,7 @@ The schema is created and changed by Alembic migrations (`pipeline/migrations`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -255,7 +256,52 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # pool_pre_ping: a server that restarted has cut every pooled connection; each
+    # checkout tests its connection first and opens a new one in place of a dead one.
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    if engine.dialect.name == "postgresql":
+        _wait_for_a_restarting_server(engine)
+    return engine
+
+
+SERVER_PATIENCE_S = 10.0  # how long a new connection waits for a restarting server
+# What libpq says when no server answers, or one is starting or stopping. Anything else
+# (authentication, a missing database, too many clients) fails at once.
+SERVER_AWAY = (
+    "connection refused",
+    "server closed the connection unexpectedly",
+    "the database system is starting up",
+    "the database system is not yet accepting connections",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+)
+
+
+def _wait_for_a_restarting_server(engine: Engine, patience: float = SERVER_PATIENCE_S) -> None:
+    """A new connection waits (up to `patience` seconds) for a server that refuses
+    connections or is starting up, instead of failing at once.
+
+    A PostgreSQL restart takes a second or two. Without this, every unit of work that
+    begins in that moment fails. Most are retried by dramatiq, but not the one that
+    records an email as sent after the mail server accepted it: its failure leaves the
+    sender's lease to expire and the email goes out twice. A transaction already running
+    when the server went away fails as before: dramatiq retries its message, and
+    idempotent stages make that safe.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_patiently(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        deadline = time.monotonic() + patience
+        pause = 0.1
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                away = any(words in str(exc).lower() for words in SERVER_AWAY)
+                if not away or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
