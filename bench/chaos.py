@@ -3,13 +3,23 @@ faults are injected, then the figures that prove nothing was lost or doubled.
 
     .venv/bin/python bench/chaos.py --requests 1000 --seed 7        # the full run
     .venv/bin/python bench/chaos.py --requests 100 --seed 3         # what CI runs
+    .venv/bin/python bench/chaos.py --database postgresql --broker rabbitmq
 
 Faults (seeded, repeatable schedule; each kind at least once):
 - `kill_worker`: `kill -9` of a random dramatiq worker process mid-task (dramatiq then
   stops its group; the harness restarts it, as a supervisor would);
-- `restart_redis`: the broker's Redis killed and started empty (no persistence): every
-  queued, delayed and in-flight message is gone, and the state database brings them back;
-- `smtp_refuse`, `smtp_hang`: the mail server refuses (451), then does not answer in time.
+- `restart_redis` (Redis broker): the broker's Redis killed and started empty (no
+  persistence): every queued, delayed and in-flight message is gone, and the state
+  database brings them back;
+- `restart_rabbitmq` (RabbitMQ broker): the harness's own RabbitMQ node stops its
+  application (every connection cut) and starts again; durable queues and persistent
+  messages come back, in-flight deliveries are delivered again;
+- `restart_postgres` (PostgreSQL state DB): the harness's own PostgreSQL cluster stopped
+  with `-m immediate` (every connection cut mid-transaction, no checkpoint), down for a
+  moment, then started (crash recovery);
+- `smtp_refuse`, `smtp_hang`: the mail server refuses (451), then does not answer in time;
+- `store_down`, `store_hang`, `store_errors`: the CRM's REST service refuses connections,
+  answers later than the connector's timeout, or answers 503.
 
 The harness plays the intake system too: a request whose submission vanished with the
 broker before intake took it is submitted again with the same request id (intake is
@@ -44,6 +54,7 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
 
 from connectors.allego.seed import seed_demo_stores, sqlite_path
 from pipeline import contract, policy
@@ -52,6 +63,7 @@ from pipeline.db import ExportRow, RequestRow, StoreTaskRow
 from pipeline.intake import submit
 from pipeline.mailsink import MailSink, free_port
 from pipeline.migrate import upgrade
+from pipeline.services import PrivatePostgres, PrivateRabbitmq
 from pipeline.settings import Settings
 from pipeline.stack import LocalStack
 from pipeline.states import Jurisdiction
@@ -67,10 +79,19 @@ FAULTS = (
     "store_hang",
     "store_errors",
 )
+BROKER_RESTART = {"redis": "restart_redis", "rabbitmq": "restart_rabbitmq"}
+
+
+def fault_kinds(database: str = "sqlite", broker: str = "redis") -> tuple[str, ...]:
+    """Every fault that applies to this stack: the broker's own restart, and a restart of
+    the state database when it is a server (PostgreSQL)."""
+    kinds = tuple(BROKER_RESTART[broker] if k == "restart_redis" else k for k in FAULTS)
+    return kinds + (("restart_postgres",) if database == "postgresql" else ())
+
+
 REPO = Path(__file__).resolve().parent.parent
 ALLEGO = REPO / "connectors" / "allego"
 CRM_MAPPING = REPO / "tests" / "integration" / "connectors" / "crm_http.toml"
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script: `bench` and the fake CRM service (tests/)
 
@@ -132,6 +153,9 @@ class OwnRedis:
     def restart_empty(self) -> None:
         self.kill()
         self.start()
+
+    def stop(self) -> None:
+        self.kill()
 
 
 class ProductService:
@@ -198,13 +222,15 @@ class Report:
     requests: int
     seed: int
     database: str
+    broker: str = "redis"
     faults: dict[str, int] = field(default_factory=dict)
     states: dict[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
     needs_attention: dict[str, str] = field(default_factory=dict)
     duplicate_emails: dict[str, int] = field(default_factory=dict)
-    # duplicates NOT explained by a worker killed between the mail server's acceptance and
-    # the commit that records it (the one window SMTP leaves; see README "Guarantees")
+    # duplicates NOT explained by a worker killed, or the state database crashing, between
+    # the mail server's acceptance and the commit that records it (the one window SMTP
+    # leaves; see README "Guarantees")
     duplicate_emails_unexplained: dict[str, int] = field(default_factory=dict)
     missing_emails: list[str] = field(default_factory=list)
     duplicate_exports: int = 0
@@ -213,6 +239,9 @@ class Report:
     wrong_deadlines: list[str] = field(default_factory=list)
     crm_left_after_erasure: int = 0  # people erased but still in the CRM service
     resubmitted: int = 0
+    # requests the reconciler found stalled and re-sent (a storm of these, say while the
+    # broker still holds a backlog, only makes the queue longer)
+    rekicked: int = 0
     worker_restarts: int = 0
     seconds: float = 0.0
 
@@ -295,17 +324,19 @@ class Chaos:
     def __init__(
         self,
         stack: LocalStack,
-        broker: OwnRedis,
+        broker: OwnRedis | PrivateRabbitmq,
         sink: MailSink,
         crm: ProductService,
         rng: random.Random,
         hold: float,
+        postgres: PrivatePostgres | None = None,
     ):
         self.stack, self.broker, self.sink, self.rng, self.hold = stack, broker, sink, rng, hold
-        self.crm = crm
+        self.crm, self.postgres = crm, postgres
         self.clear_at: float | None = None
         self.counts: Counter[str] = Counter()
         self.kills: list[float] = []  # wall-clock times of kill -9
+        self.outages: list[tuple[float, float]] = []  # state DB down, wall clock (from, to)
 
     def inject(self, kind: str) -> None:
         self.counts[kind] += 1
@@ -315,7 +346,18 @@ class Chaos:
                 os.kill(self.rng.choice(pids), signal.SIGKILL)
                 self.kills.append(time.time())
         elif kind == "restart_redis":
+            assert isinstance(self.broker, OwnRedis)
             self.broker.restart_empty()
+        elif kind == "restart_rabbitmq":
+            assert isinstance(self.broker, PrivateRabbitmq)
+            self.broker.restart(down_seconds=self.rng.uniform(0.5, 2.0))
+        elif kind == "restart_postgres":
+            assert self.postgres is not None
+            crashed = time.time()
+            self.postgres.crash()
+            time.sleep(self.rng.uniform(0.5, 2.0))  # down, as while a server reboots
+            self.postgres.start()
+            self.outages.append((crashed, time.time()))
         elif kind in ("smtp_refuse", "smtp_hang"):
             self.sink.set_fault(kind.removeprefix("smtp_"), hang_seconds=self.hold + 5)
         elif kind == "store_down":
@@ -324,7 +366,7 @@ class Chaos:
             self.crm.api.stall_seconds = 3.0  # longer than the connector's 2 s timeout
         elif kind == "store_errors":
             self.crm.api.fail_next(40, 503)
-        if kind not in ("kill_worker", "restart_redis"):
+        if not kind.startswith(("kill_", "restart_")):
             self.clear_at = time.monotonic() + self.hold
         print(f"   fault: {kind}", flush=True)
 
@@ -362,12 +404,16 @@ def _settle(
             chaos.inject(faults.pop(0)[1])
         chaos.tick()
         report.worker_restarts += len(stack.revive())
-        with app.sessions() as session:
-            states = dict(
-                session.execute(
-                    sa.select(RequestRow.id, RequestRow.state).where(RequestRow.id.in_(rids))
-                ).all()
-            )
+        try:
+            with app.sessions() as session:
+                states = dict(
+                    session.execute(
+                        sa.select(RequestRow.id, RequestRow.state).where(RequestRow.id.in_(rids))
+                    ).all()
+                )
+        except OperationalError:  # the state database is restarting: look again soon
+            time.sleep(0.25)
+            continue
         for rid, at in submitted.items():  # the intake system's duty: resubmit until known
             if rid not in states and time.monotonic() - at > 10:
                 _submit(app, next(d for d in docs if d["request_id"] == rid))
@@ -389,7 +435,7 @@ def _submit(app: App, doc: dict[str, Any]) -> None:
         submit(doc, bus=app.bus)
 
 
-KILL_WINDOW = 3.0  # seconds between a mail's acceptance and a kill that explains a copy
+KILL_WINDOW = 3.0  # seconds between a mail's acceptance and a crash that explains a copy
 
 
 def _arrivals(folder: Path) -> dict[str, list[float]]:
@@ -405,8 +451,9 @@ def _arrivals(folder: Path) -> dict[str, list[float]]:
 
 
 def _check(
-    app: App, sink: MailSink, docs: list[dict[str, Any]], kills: list[float], report: Report
+    app: App, sink: MailSink, docs: list[dict[str, Any]], crashes: list[float], report: Report
 ) -> None:
+    """`crashes`: when a worker was killed or the state database went down (wall clock)."""
     rids = {d["request_id"]: d for d in docs}
     with app.sessions() as session:
         rows = {
@@ -451,7 +498,7 @@ def _check(
     report.duplicate_emails_unexplained = {
         mid: n
         for mid, n in report.duplicate_emails.items()
-        if not any(0 <= k - min(arrivals[mid]) <= KILL_WINDOW for k in kills)
+        if not any(0 <= c - min(arrivals[mid]) <= KILL_WINDOW for c in crashes)
     }
     with app.sessions() as session:
         expected_ids = {
@@ -463,35 +510,59 @@ def _check(
     report.missing_emails = sorted(expected_ids - set(seen))
 
 
+def _create_database(postgres: PrivatePostgres, name: str) -> str:
+    """A database on the harness's own cluster (gone with the cluster: no drop)."""
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return postgres.url(name)
+
+
 def run(
     requests: int,
     seed: int,
     *,
     database: str = "sqlite",
+    broker: str = "redis",
     processes: int = 2,
     threads: int = 4,
-    faults: tuple[str, ...] = FAULTS,
+    faults: tuple[str, ...] | None = None,
     fault_count: int | None = None,
     timeout: float = 900,
     hold: float = 3.0,
     keep: bool = False,
 ) -> Report:
+    faults = faults or fault_kinds(database, broker)
     rng = random.Random(seed)
     folder = Path(tempfile.mkdtemp(prefix="privacy-chaos-"))
-    report = Report(requests=requests, seed=seed, database=database)
+    folder.chmod(0o711)  # PostgreSQL and RabbitMQ run as their own users under it,
+    for private in ("data", "mail", "logs"):  # and may not read what holds people's data
+        (folder / private).mkdir(mode=0o700)
+    report = Report(requests=requests, seed=seed, database=database, broker=broker)
     began = time.monotonic()
     data_dir = folder / "data"
     seed_demo_stores(data_dir, people=max(200, requests * 2), seed=seed)
-    broker = OwnRedis(folder / "redis").start()
     try:
-        with (
-            state_database(database, folder, PG_ADMIN_URL) as url,
-            MailSink(folder / "mail", port=0) as sink,
-        ):
+        with contextlib.ExitStack() as services:
+            own_broker: OwnRedis | PrivateRabbitmq
+            if broker == "rabbitmq":
+                own_broker = PrivateRabbitmq(folder / "rabbitmq").start()
+            else:
+                own_broker = OwnRedis(folder / "redis").start()
+            services.callback(own_broker.stop)
+            postgres = None
+            if database == "postgresql":
+                postgres = PrivatePostgres(folder / "postgres").start()
+                services.callback(postgres.stop)
+                url = _create_database(postgres, "privacy_chaos")
+            else:
+                url = services.enter_context(state_database(database, folder, ""))
+            sink = services.enter_context(MailSink(folder / "mail", port=0))
             env = {
                 "PRIVACY_DATA_DIR": str(data_dir),
                 "PRIVACY_DATABASE_URL": url,
-                "PRIVACY_BROKER_URL": broker.url,
+                "PRIVACY_BROKER_URL": own_broker.url,
                 "PRIVACY_SMTP_PORT": str(sink.port),
                 "PRIVACY_SMTP_TIMEOUT": "2",
                 "PRIVACY_RETRY_BASE_MS": "300",
@@ -514,13 +585,16 @@ def run(
             )
             span = max(20.0, requests / 3.0)  # about the time the batch takes here
             plan = schedule(rng, span, faults, fault_count or max(len(faults), requests // 25))
-            chaos = Chaos(stack, broker, sink, crm, rng, hold)
+            chaos = Chaos(stack, own_broker, sink, crm, rng, hold, postgres)
             with stack:
                 _settle(app, stack, docs, chaos, plan, span, timeout, report)
                 sink.set_fault("none")
                 time.sleep(1.5)  # let the last emails of finished requests leave
             report.faults = dict(chaos.counts)
-            _check(app, sink, docs, chaos.kills, report)
+            scheduler_log = (folder / "logs" / "scheduler.log").read_text(errors="replace")
+            report.rekicked = scheduler_log.count('"event": "request_rekicked"')
+            crashes = chaos.kills + [down for down, _up in chaos.outages]
+            _check(app, sink, docs, crashes, report)
             erased = {d["subject"]["email"] for d in docs if d["type"] == "erase"}
             report.crm_left_after_erasure = sum(
                 1 for u in crm.api.users.values() if u["email"] in erased
@@ -528,7 +602,6 @@ def run(
             crm.stop()
             app.close()
     finally:
-        broker.kill()
         report.seconds = round(time.monotonic() - began, 1)
         if not keep and report.ok:
             shutil.rmtree(folder, ignore_errors=True)
@@ -542,16 +615,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
-    print(f"== fault harness: {args.requests} requests, seed {args.seed}, {args.database}")
+    print(
+        f"== fault harness: {args.requests} requests, seed {args.seed}, "
+        f"{args.database}, {args.broker}"
+    )
     report = run(
         args.requests,
         args.seed,
         database=args.database,
+        broker=args.broker,
         processes=args.processes,
         threads=args.threads,
         timeout=args.timeout,
