@@ -1,7 +1,8 @@
 """The tamper-evident audit log (DESIGN invariant 7, R28).
 
 Each entry's hash covers its content and the previous entry's hash, so changing,
-removing or reordering any row breaks the chain from there on. Details hold ids,
+removing or reordering any row breaks the chain from there on. Entries are chained
+when their transaction commits (`before_commit`), under the chain lock. Details hold ids,
 counts and keyed hashes only, never personal data.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.db import AuditRow, utcnow
@@ -46,6 +47,18 @@ def _entry_hash(
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Entry:
+    at: datetime
+    actor: str
+    action: str
+    request_id: str | None
+    detail: dict[str, Any]
+
+
+_PENDING = "audit_pending"
+
+
 def record(
     session: Session,
     action: str,
@@ -53,36 +66,49 @@ def record(
     request_id: str | None = None,
     actor: str = "system",
     **detail: Any,
-) -> AuditRow:
-    """Append an entry in the caller's transaction, chained to the current head.
+) -> None:
+    """Add an entry to the caller's transaction; it is written when the transaction
+    commits, chained to the head of the log, and dropped if it rolls back.
 
-    The head is read once per transaction, under the chain lock (PostgreSQL advisory
-    lock; SQLite's write lock), and then followed in memory for further entries.
+    Chaining at commit keeps the chain lock (a PostgreSQL advisory lock; SQLite's write
+    lock) for the last moment of a transaction only, instead of from its first entry to
+    its commit: stages that commit at the same time wait for each other only that long.
     """
-    transaction = session.get_transaction()
-    cached = session.info.get("audit_head")
-    if cached is not None and cached[0] is transaction:
-        prev = cached[1]
-    else:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHAIN_LOCK})
-        head = session.execute(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)).scalar()
-        prev = head or GENESIS
-    at = utcnow()
     clean = json.loads(json.dumps(detail, default=str))
-    row = AuditRow(
-        at=at,
-        actor=actor,
-        action=action,
-        request_id=request_id,
-        detail=clean,
-        prev_hash=prev,
-        hash=_entry_hash(prev, at, actor, action, request_id, clean),
-    )
-    session.add(row)
+    session.info.setdefault(_PENDING, []).append(_Entry(utcnow(), actor, action, request_id, clean))
+
+
+@event.listens_for(Session, "before_commit")
+def _chain_pending(session: Session) -> None:
+    pending: list[_Entry] = session.info.pop(_PENDING, None) or []
+    if not pending:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHAIN_LOCK})
+    head = session.execute(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)).scalar()
+    prev = head or GENESIS
+    rows = []
+    for e in pending:
+        digest = _entry_hash(prev, e.at, e.actor, e.action, e.request_id, e.detail)
+        rows.append(
+            AuditRow(
+                at=e.at,
+                actor=e.actor,
+                action=e.action,
+                request_id=e.request_id,
+                detail=e.detail,
+                prev_hash=prev,
+                hash=digest,
+            )
+        )
+        prev = digest
+    session.add_all(rows)
     session.flush()
-    session.info["audit_head"] = (transaction, row.hash)
-    return row
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending(session: Session) -> None:
+    session.info.pop(_PENDING, None)
 
 
 @dataclass(frozen=True)

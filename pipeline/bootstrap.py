@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ import structlog
 from pipeline import topology
 from pipeline.crypto import BlindIndex, Keys, KeySource, keys_file_of, load_keys
 from pipeline.db import make_engine, make_session_factory
-from pipeline.outbox import Envelope
+from pipeline.outbox import Envelope, Publisher
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -184,6 +185,11 @@ class App:
         return DramatiqBus(self.broker)
 
     @cached_property
+    def publisher(self) -> Publisher:
+        window = timedelta(milliseconds=self.settings.batch_window_ms)
+        return Publisher(self.sessions, lambda: self.bus, window=window)
+
+    @cached_property
     def connectors(self) -> dict[str, Connector]:
         if self.connectors_override is not None:
             return self.connectors_override
@@ -204,6 +210,8 @@ class App:
         return path
 
     def close(self) -> None:
+        if "publisher" in self.__dict__:
+            self.publisher.flush()
         if "engine" in self.__dict__:
             self.engine.dispose()
         if "connectors" in self.__dict__ and self.connectors_override is None:

@@ -46,6 +46,12 @@ class TransientError(PrivacyError):
     """A dependency failed in a way that may pass: retry later."""
 
 
+class RetryLater(TransientError):
+    """Try this message again after `delay_ms` (set by the subclass)."""
+
+    delay_ms: int
+
+
 class MailUnavailable(TransientError):
     """The mail server refused or did not answer."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pipeline import actions, intake, locate, notify, topology, verification
+from pipeline import actions, batch, intake, locate, notify, topology, verification
 
 if TYPE_CHECKING:
     from pipeline.bootstrap import App
@@ -29,4 +29,11 @@ HANDLERS: dict[str, Callable[..., Any]] = {
 
 
 def handle(app: App, actor: str, *args: Any) -> Any:
-    return HANDLERS[actor](app, *args)
+    """Run one message. Stage messages carry a list of ids (`pipeline.batch`); the intake
+    message carries one document."""
+    stage = HANDLERS[actor]
+    if actor == topology.INTAKE_ACTOR:
+        return stage(app, *args)
+    first, *rest = args
+    batch.for_each(app, first, lambda one: stage(app, one, *rest))
+    return None

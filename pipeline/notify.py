@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from pipeline import audit
 from pipeline.db import CaseRow, ExportRow, NotificationRow, RequestRow, utcnow
-from pipeline.errors import MailUnavailable, UnknownRequest
+from pipeline.errors import MailUnavailable, RetryLater, UnknownRequest
 from pipeline.requests import advance, iso, load, notify_person
 from pipeline.states import RequestType, State
 from pipeline.tasks import tasks_of
@@ -28,7 +28,7 @@ log = structlog.get_logger()
 DOWNLOAD_PURPOSE = "download-export"
 
 
-class MailRetry(MailUnavailable):
+class MailRetry(MailUnavailable, RetryLater):
     def __init__(self, reason: str, delay_ms: int):
         super().__init__(reason)
         self.delay_ms = delay_ms

@@ -2,20 +2,27 @@
 
 A stage never talks to the broker inside its transaction: it adds an outbox row, keyed
 so the same step asks for the same message once, and commits it with the state change.
-After the commit the row is published; the scheduler republishes rows whose publish
-never happened (a crash between commit and enqueue).
+After the commit the rows are published, those for the same actor together as one
+message carrying a list of ids; the scheduler republishes rows whose publish never
+happened (a crash between commit and enqueue).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
 import structlog
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import OutboxRow, transaction, utcnow
@@ -45,30 +52,97 @@ class MessageBus(Protocol):
         ...
 
 
-def add(
-    session: Session, *, key: str, actor: str, queue: str, args: Sequence[Any]
-) -> Envelope | None:
-    """Ask for a message once per key; returns its envelope, or None if already asked."""
-    existing = session.execute(select(OutboxRow.id).where(OutboxRow.key == key)).scalar()
-    if existing is not None:
-        return None
-    row = OutboxRow(id=str(uuid.uuid4()), key=key, actor=actor, queue=queue, args=list(args))
-    session.add(row)
-    session.flush()
-    return Envelope(id=row.id, actor=actor, queue=queue, args=tuple(args))
+@dataclass(frozen=True)
+class Wanted:
+    """A message a stage asks for: sent once per key, whatever happens after."""
+
+    key: str
+    actor: str
+    queue: str
+    args: tuple[Any, ...]
+
+
+def add_all(session: Session, wanted: Sequence[Wanted]) -> list[Envelope]:
+    """Insert the outbox rows of keys never asked before, in one statement; returns the
+    envelopes of the rows it inserted (a key asked before, by this or an earlier
+    transaction, gives none)."""
+    unique = list({w.key: w for w in wanted}.values())
+    if not unique:
+        return []
+    dialect = session.get_bind().dialect.name
+    insert: Any = pg_insert if dialect == "postgresql" else sqlite_insert
+    now = utcnow()
+    rows: list[dict[str, Any]] = [
+        {
+            "id": str(uuid.uuid4()),
+            "key": w.key,
+            "actor": w.actor,
+            "queue": w.queue,
+            "args": list(w.args),
+            "created_at": now,
+            "publish_count": 0,
+        }
+        for w in unique
+    ]
+    statement = (
+        insert(OutboxRow)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=[OutboxRow.key])
+        .returning(OutboxRow.key)
+    )
+    inserted = set(session.execute(statement).scalars())
+    return [
+        Envelope(id=r["id"], actor=r["actor"], queue=r["queue"], args=tuple(r["args"]))
+        for r in rows
+        if r["key"] in inserted
+    ]
+
+
+BATCH_MAX = 50  # ids per message
+
+
+def grouped(
+    envelopes: Sequence[Envelope], *, limit: int = BATCH_MAX
+) -> list[tuple[Envelope, list[str]]]:
+    """One message per actor and further arguments, carrying the list of the envelopes'
+    first arguments (request or notification ids), at most `limit` per message; each with
+    the outbox ids it stands for. Order is kept within a group."""
+    groups: dict[tuple[Any, ...], list[Envelope]] = {}
+    for e in envelopes:
+        groups.setdefault((e.actor, e.queue, e.delay_ms, json.dumps(e.args[1:])), []).append(e)
+    out = []
+    for members in groups.values():
+        for start in range(0, len(members), limit):
+            chunk = members[start : start + limit]
+            first = chunk[0]
+            ids = [i for e in chunk for i in _ids(e.args[0])]
+            message = Envelope(
+                id=first.id,
+                actor=first.actor,
+                queue=first.queue,
+                args=(ids, *first.args[1:]),
+                delay_ms=first.delay_ms,
+            )
+            out.append((message, [e.id for e in chunk]))
+    return out
+
+
+def _ids(first: Any) -> list[str]:
+    return list(first) if isinstance(first, (list, tuple)) else [first]
 
 
 def publish(factory: sessionmaker[Session], bus: MessageBus, envelopes: Sequence[Envelope]) -> int:
-    """Publish committed envelopes, then mark them published in one statement.
+    """Publish committed envelopes, grouped into batch messages (`grouped`), then mark
+    them published in one statement.
 
     If publishing stops half way, what was sent is still marked and the error goes up:
     the rest stays unpublished for the relay.
     """
     sent: list[str] = []
     try:
-        for envelope in envelopes:
-            bus.publish(envelope)
-            sent.append(envelope.id)
+        for message, members in grouped(envelopes):
+            bus.publish(message)
+            sent.extend(members)
     finally:
         if sent:
             with transaction(factory) as session:
@@ -109,3 +183,83 @@ def publish_pending(
     if sent:
         log.info("outbox_relayed", count=sent)
     return sent
+
+
+class Publisher:
+    """Publishes what committed transactions asked for.
+
+    With a `window`, it coalesces like Nagle's algorithm: envelopes arriving after a
+    quiet spell go out at once; envelopes arriving while others went out less than
+    `window` ago wait for the window to close and go together, grouped into batch
+    messages. Under load, requests that move at the same moment share messages; alone,
+    a request waits for nothing. Envelopes still waiting when the process dies are in
+    the outbox, unpublished: the scheduler's relay sends them.
+    """
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        bus: Callable[[], MessageBus],
+        *,
+        window: timedelta,
+    ) -> None:
+        self.factory = factory
+        self.bus = bus  # asked at each publish: the app's bus may be swapped (tests)
+        self.window = window.total_seconds()
+        self._lock = threading.Condition()
+        self._pending: list[Envelope] = []
+        self._last = -float("inf")
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, envelopes: Sequence[Envelope]) -> None:
+        if not envelopes:
+            return
+        if self.window <= 0:
+            self._publish(list(envelopes))
+            return
+        with self._lock:
+            now = time.monotonic()
+            at_once = not self._pending and now - self._last >= self.window
+            if at_once:
+                self._last = now
+            else:
+                self._pending.extend(envelopes)
+                self._ensure_thread()
+                self._lock.notify()
+        if at_once:
+            self._publish(list(envelopes))
+
+    def flush(self) -> None:
+        """Publish whatever waits, now (tests; a process about to stop)."""
+        with self._lock:
+            taken, self._pending = self._pending, []
+            self._last = time.monotonic()
+        self._publish(taken)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        self._pid = os.getpid()  # a forked worker starts its own flusher
+        self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending:
+                    self._lock.wait()
+                due = self._last + self.window
+            time.sleep(max(0.0, due - time.monotonic()))
+            with self._lock:
+                taken, self._pending = self._pending, []
+                self._last = time.monotonic()
+            self._publish(taken)
+
+    def _publish(self, envelopes: list[Envelope]) -> None:
+        if not envelopes:
+            return
+        try:
+            publish(self.factory, self.bus(), envelopes)
+        except Exception as error:  # the scheduler's relay publishes them later
+            log.warning("outbox_publish_deferred", error=type(error).__name__, count=len(envelopes))

@@ -46,6 +46,9 @@ class Settings:
     store_max_attempts: int = 6
     retry_base_ms: int = 1000
     retry_max_ms: int = 5 * 60 * 1000
+    # how long a stage's messages may wait for others to share a batch message with
+    # (`pipeline.outbox.Publisher`); 0 publishes each commit's messages at once
+    batch_window_ms: int = 50
     stall_seconds: int = 300
     scheduler_interval_seconds: int = 5
     log_format: str = "console"
@@ -104,6 +107,7 @@ class Settings:
             store_max_attempts=_int(env, "PRIVACY_STORE_MAX_ATTEMPTS", cls.store_max_attempts),
             retry_base_ms=_int(env, "PRIVACY_RETRY_BASE_MS", cls.retry_base_ms),
             retry_max_ms=_int(env, "PRIVACY_RETRY_MAX_MS", cls.retry_max_ms),
+            batch_window_ms=_int(env, "PRIVACY_BATCH_WINDOW_MS", cls.batch_window_ms),
             stall_seconds=_int(env, "PRIVACY_STALL_SECONDS", cls.stall_seconds),
             scheduler_interval_seconds=_int(
                 env, "PRIVACY_SCHEDULER_INTERVAL", cls.scheduler_interval_seconds

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from connectors.base import Connector, ConnectorError, Identity
 from pipeline import audit
 from pipeline.db import RequestRow, StoreTaskRow, utcnow
-from pipeline.errors import StoreFailed
+from pipeline.errors import RetryLater, StoreFailed
 from pipeline.requests import advance, identity_of, load
 from pipeline.states import TRANSITIONS, State
 from pipeline.uow import UnitOfWork
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-class StoreRetry(StoreFailed):
+class StoreRetry(StoreFailed, RetryLater):
     """A store task failed and will be tried again after `delay_ms`."""
 
     def __init__(self, reason: str, delay_ms: int):

@@ -99,6 +99,7 @@ def make_app(
     **overrides: Any,
 ) -> App:
     overrides.setdefault("smtp_port", 1)
+    overrides.setdefault("batch_window_ms", 0)  # publish at once: tests drain in order
     settings = Settings(data_dir=data_dir, database_url=state_url, **overrides)
     app = App(settings, connectors_override=connectors)
     if bus is not None:

@@ -15,13 +15,12 @@ from typing import Any, TypeVar
 import dramatiq
 import structlog
 
-from pipeline import actions, intake, locate, notify, topology, verification
+from pipeline import intake, topology
 from pipeline.bootstrap import App, make_broker
-from pipeline.errors import PermanentError
+from pipeline.errors import PermanentError, RetryLater
+from pipeline.handlers import handle
 from pipeline.logs import configure_logging
-from pipeline.notify import MailRetry
 from pipeline.settings import Settings
-from pipeline.tasks import StoreRetry
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = structlog.get_logger()
@@ -51,7 +50,7 @@ def _retrying(fn: F) -> F:
     def wrapper(*args: Any) -> Any:
         try:
             return fn(*args)
-        except (StoreRetry, MailRetry) as exc:
+        except RetryLater as exc:
             raise dramatiq.Retry(str(exc), delay=exc.delay_ms) from exc
         except PermanentError as exc:
             log.error(
@@ -81,61 +80,66 @@ def intake_actor(document: Any) -> None:
         raise dramatiq.Retry(f"intake failed: {type(exc).__name__}", delay=2000) from None
 
 
+# Stage messages carry a list of ids (`pipeline.batch`): the outbox sends the requests
+# that move together in one message, and each id runs as if it had come alone.
+Ids = str | list[str]
+
+
 @dramatiq.actor(actor_name=topology.VERIFY_ACTOR, queue_name=topology.VERIFY_QUEUE, **_permanent)
 @_retrying
-def verify_request(request_id: str) -> None:
-    verification.start(app(), request_id)
+def verify_request(request_ids: Ids) -> None:
+    handle(app(), topology.VERIFY_ACTOR, request_ids)
 
 
 @dramatiq.actor(actor_name=topology.LOCATE_ACTOR, queue_name=topology.LOCATE_QUEUE, **_permanent)
 @_retrying
-def locate_request(request_id: str) -> None:
-    locate.locate_request(app(), request_id)
+def locate_request(request_ids: Ids) -> None:
+    handle(app(), topology.LOCATE_ACTOR, request_ids)
 
 
 @dramatiq.actor(
     actor_name=topology.LOCATE_STORE_ACTOR, queue_name=topology.STORE_QUEUE, **_permanent
 )
 @_retrying
-def locate_store(request_id: str, store: str) -> None:
-    locate.locate_store(app(), request_id, store)
+def locate_store(request_ids: Ids, store: str) -> None:
+    handle(app(), topology.LOCATE_STORE_ACTOR, request_ids, store)
 
 
 @dramatiq.actor(actor_name=topology.ACT_ACTOR, queue_name=topology.ACT_QUEUE, **_permanent)
 @_retrying
-def act_on_request(request_id: str) -> None:
-    actions.act_on_request(app(), request_id)
+def act_on_request(request_ids: Ids) -> None:
+    handle(app(), topology.ACT_ACTOR, request_ids)
 
 
 @dramatiq.actor(actor_name=topology.ACT_STORE_ACTOR, queue_name=topology.STORE_QUEUE, **_permanent)
 @_retrying
-def act_on_store(request_id: str, store: str) -> None:
-    actions.act_on_store(app(), request_id, store)
+def act_on_store(request_ids: Ids, store: str) -> None:
+    handle(app(), topology.ACT_STORE_ACTOR, request_ids, store)
 
 
 @dramatiq.actor(
     actor_name=topology.RECHECK_STORE_ACTOR, queue_name=topology.STORE_QUEUE, **_permanent
 )
 @_retrying
-def recheck_store(request_id: str, store: str) -> None:
-    actions.recheck_store(app(), request_id, store)
+def recheck_store(request_ids: Ids, store: str) -> None:
+    handle(app(), topology.RECHECK_STORE_ACTOR, request_ids, store)
 
 
 @dramatiq.actor(actor_name=topology.FINISH_ACTOR, queue_name=topology.ACT_QUEUE, **_permanent)
 @_retrying
-def finish_request(request_id: str) -> None:
-    actions.finish_request(app(), request_id)
+def finish_request(request_ids: Ids) -> None:
+    handle(app(), topology.FINISH_ACTOR, request_ids)
 
 
 @dramatiq.actor(actor_name=topology.NOTIFY_ACTOR, queue_name=topology.NOTIFY_QUEUE, **_permanent)
 @_retrying
-def notify_outcome(request_id: str) -> None:
-    notify.notify_outcome(app(), request_id)
+def notify_outcome(request_ids: Ids) -> None:
+    handle(app(), topology.NOTIFY_ACTOR, request_ids)
 
 
 @dramatiq.actor(
     actor_name=topology.SEND_EMAIL_ACTOR, queue_name=topology.NOTIFY_QUEUE, **_permanent
 )
 @_retrying
-def send_email(notification_id: str) -> None:
-    notify.send_email(app(), notification_id)
+def send_email(notification_ids: Ids) -> None:
+    handle(app(), topology.SEND_EMAIL_ACTOR, notification_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,13 @@ def app(state_url, tmp_path):
 
 
 def write(app, count: int) -> list[int]:
-    ids = []
     for i in range(count):
         with transaction(app.sessions) as session:
-            row = audit.record(
+            audit.record(
                 session, "request_state_changed", request_id=f"r-{i % 7}", step=i, to="done"
             )
-            ids.append(row.id)
-    return ids
+    with app.sessions() as session:
+        return list(session.scalars(select(AuditRow.id).order_by(AuditRow.id)))
 
 
 def check(app) -> audit.ChainReport:
@@ -135,3 +135,44 @@ def test_the_audit_verify_command_exits_1_naming_the_broken_entry(app, tmp_path)
     result = CliRunner().invoke(main, ["audit", "verify"], env=cli_env(app, tmp_path))
     assert result.exit_code == 1
     assert f"BROKEN at entry {ids[3]}" in result.output
+
+
+def test_entries_of_a_transaction_that_rolls_back_are_never_written(app):
+    write(app, 2)
+    with pytest.raises(RuntimeError), transaction(app.sessions) as session:
+        audit.record(session, "request_state_changed", request_id="r-x", step=99)
+        raise RuntimeError("the stage failed")
+    with transaction(app.sessions) as session:  # the same pooled connection, reused
+        audit.record(session, "request_state_changed", request_id="r-y", step=100)
+    with app.sessions() as session:
+        steps = [r.detail["step"] for r in session.scalars(select(AuditRow).order_by(AuditRow.id))]
+    assert steps == [0, 1, 100]
+    assert check(app).intact
+
+
+def test_many_entries_of_one_transaction_chain_in_the_order_they_were_recorded(app):
+    with transaction(app.sessions) as session:
+        for step in range(5):
+            audit.record(session, "request_state_changed", request_id="r-1", step=step)
+        assert session.scalars(select(AuditRow)).all() == []  # written at commit
+    with app.sessions() as session:
+        steps = [r.detail["step"] for r in session.scalars(select(AuditRow).order_by(AuditRow.id))]
+    assert steps == [0, 1, 2, 3, 4]
+    assert check(app).entries == 5 and check(app).intact
+
+
+def test_stages_committing_at_once_from_many_threads_keep_one_intact_chain(app):
+    def stage(n: int) -> None:
+        for i in range(15):
+            with transaction(app.sessions) as session:
+                audit.record(session, "request_state_changed", request_id=f"r-{n}", step=i)
+                audit.record(session, "store_locate_completed", request_id=f"r-{n}", step=i)
+
+    threads = [threading.Thread(target=stage, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report = check(app)
+    assert report.intact, report
+    assert report.entries == 6 * 15 * 2

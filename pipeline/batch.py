@@ -1,0 +1,60 @@
+"""Batch messages: a stage message carries a list of ids, and the stage runs once per id.
+
+The outbox groups the messages a stage asks for by actor (`outbox.grouped`), so
+requests that move together travel together: one message, one delivery, one
+acknowledgement for many requests. Each id still runs in its own transaction, exactly as
+if it had come alone, so idempotency, fan-in and the audit trail do not change. What
+the ids' transactions ask for is published once, grouped, after the last of them.
+
+One id's failure does not hold back the others: they all run first. Then a retry
+(a store or the mail server failed) brings the whole message back after its delay, and
+the ids already done skip it; a permanent error (an id that names no request) ends the
+message in the dead letters with its reason once nothing in it is left to retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from pipeline import uow
+from pipeline.errors import PermanentError, RetryLater
+
+if TYPE_CHECKING:
+    from pipeline.bootstrap import App
+
+log = structlog.get_logger()
+
+
+def as_ids(ids: str | Sequence[str]) -> list[str]:
+    """A message's first argument: one id (older messages, the reconciler) or a list."""
+    if isinstance(ids, str):
+        return [ids]
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
+        raise PermanentError("the message's first argument must be an id or a list of ids")
+    return list(ids)
+
+
+def for_each(app: App, ids: str | Sequence[str], step: Callable[[str], None]) -> None:
+    """Run `step` for every id, publish what they asked for, then raise what must be."""
+    retry: RetryLater | None = None
+    permanent: list[PermanentError] = []
+    with uow.collecting() as outgoing:
+        try:
+            for request_id in as_ids(ids):
+                try:
+                    step(request_id)
+                except RetryLater as exc:
+                    if retry is None or exc.delay_ms < retry.delay_ms:
+                        retry = exc
+                except PermanentError as exc:
+                    log.error("batch_item_failed", error=type(exc).__name__, reason=str(exc)[:300])
+                    permanent.append(exc)
+        finally:
+            app.publisher.submit(outgoing)
+    if retry is not None:
+        raise retry
+    if permanent:
+        raise permanent[0]

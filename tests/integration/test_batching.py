@@ -1,0 +1,262 @@
+"""Batch messages (pipeline.batch, outbox.grouped, outbox.Publisher): requests that move
+together share one message per stage, each id still runs alone and idempotently, one
+id's failure holds back nobody, and nothing is marked published before it is sent."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from pipeline import batch, outbox, topology, uow
+from pipeline.db import OutboxRow
+from pipeline.errors import UnknownRequest
+from pipeline.intake import accept
+from pipeline.outbox import Envelope, Publisher
+from pipeline.tasks import StoreRetry
+from pipeline.uow import UnitOfWork
+from tests.conftest import InlineBus, make_app
+from tests.integration.support import QuietBus, presigned, request_row, stores
+
+
+def envelope(n: int, actor: str = topology.LOCATE_ACTOR, *extra: str) -> Envelope:
+    return Envelope(id=f"o-{n}", actor=actor, queue="q", args=(f"r-{n}", *extra))
+
+
+# -- grouping -----------------------------------------------------------------------------
+
+
+def test_envelopes_for_one_actor_and_the_same_other_arguments_become_one_message():
+    envelopes = [
+        envelope(1),
+        envelope(2, topology.LOCATE_STORE_ACTOR, "crm"),
+        envelope(3),
+        envelope(4, topology.LOCATE_STORE_ACTOR, "billing"),
+        envelope(5, topology.LOCATE_STORE_ACTOR, "crm"),
+    ]
+    groups = [(m.actor, m.args, members) for m, members in outbox.grouped(envelopes)]
+    assert groups == [
+        (topology.LOCATE_ACTOR, (["r-1", "r-3"],), ["o-1", "o-3"]),
+        (topology.LOCATE_STORE_ACTOR, (["r-2", "r-5"], "crm"), ["o-2", "o-5"]),
+        (topology.LOCATE_STORE_ACTOR, (["r-4"], "billing"), ["o-4"]),
+    ]
+
+
+def test_a_group_is_split_at_the_batch_limit_keeping_order():
+    messages = outbox.grouped([envelope(n) for n in range(7)], limit=3)
+    assert [m.args[0] for m, _ in messages] == [
+        ["r-0", "r-1", "r-2"],
+        ["r-3", "r-4", "r-5"],
+        ["r-6"],
+    ]
+    assert [m.id for m, _ in messages] == ["o-0", "o-3", "o-6"]
+
+
+def test_a_message_may_carry_one_id_or_a_list_and_nothing_else():
+    assert batch.as_ids("r-1") == ["r-1"]
+    assert batch.as_ids(["r-1", "r-2"]) == ["r-1", "r-2"]
+    for bad in ({"id": "r-1"}, ["r-1", 2], 7):
+        with pytest.raises(UnknownRequest.__mro__[1]):  # PermanentError
+            batch.as_ids(bad)  # type: ignore[arg-type]
+
+
+# -- the outbox rows ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def app(state_url, tmp_path):
+    bus = QuietBus()  # emails stay queued as notification rows
+    application = make_app(state_url, tmp_path / "data", bus=bus, connectors=stores())
+    yield application
+    application.close()
+
+
+def outbox_rows(app) -> int:
+    with app.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(OutboxRow)) or 0)
+
+
+def test_a_key_asked_twice_in_one_transaction_or_again_later_is_one_row_and_one_envelope(app):
+    with UnitOfWork(app) as first:
+        first.send("k-1", topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, "r-1")
+        first.send("k-1", topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, "r-1")
+        first.send("k-2", topology.ACT_ACTOR, topology.ACT_QUEUE, "r-2")
+    with UnitOfWork(app) as again:
+        again.send("k-1", topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, "r-1")
+    assert outbox_rows(app) == 2
+    delivered = [(e.actor, e.args) for e in app.bus.queue]
+    assert delivered == [(topology.LOCATE_ACTOR, (["r-1"],)), (topology.ACT_ACTOR, (["r-2"],))]
+
+
+def test_a_transaction_that_rolls_back_asks_for_nothing(app):
+    with pytest.raises(RuntimeError), UnitOfWork(app) as work:
+        work.send("k-1", topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, "r-1")
+        raise RuntimeError("the stage failed")
+    assert outbox_rows(app) == 0 and not app.bus.queue
+
+
+# -- a batch through the pipeline ---------------------------------------------------------
+
+
+def test_requests_accepted_together_travel_together_and_all_finish(app):
+    kinds = ["opt_out", "access", "erase", "opt_out", "correct"]
+    with uow.collecting() as outgoing:
+        for n, kind in enumerate(kinds):
+            assert accept(app, presigned(app, kind, f"r-{n}")).status == "accepted"
+    app.publisher.submit(outgoing)
+    (verify,) = [e for e in app.bus.queue if e.actor == topology.VERIFY_ACTOR]
+    assert verify.args == ([f"r-{n}" for n in range(5)],)
+    app.bus.drain()
+    assert [request_row(app, f"r-{n}").state for n in range(5)] == ["done"] * 5
+    by_actor = {}
+    for e in app.bus.delivered:
+        by_actor.setdefault(e.actor, []).append(e.args[0])
+    # five requests, yet one message per stage they shared
+    assert len(by_actor[topology.VERIFY_ACTOR]) == 1
+    assert by_actor[topology.LOCATE_ACTOR] == [[f"r-{n}" for n in range(5)]]
+    assert sum(len(ids) for ids in by_actor[topology.NOTIFY_ACTOR]) == 5
+
+
+def test_every_stage_message_redelivered_as_a_batch_changes_nothing_more(app):
+    app.bus.redeliver = True  # each batch message runs twice
+    with uow.collecting() as outgoing:
+        for n, kind in enumerate(["access", "erase", "opt_out"]):
+            accept(app, presigned(app, kind, f"r-{n}"))
+    app.publisher.submit(outgoing)
+    app.bus.drain()
+    assert [request_row(app, f"r-{n}").state for n in range(3)] == ["done"] * 3
+    sends = [e for e in app.bus.delivered if e.actor == topology.SEND_EMAIL_ACTOR]
+    notes = [i for e in sends for i in e.args[0]]
+    assert len(notes) == len(set(notes)) == 6  # an acknowledgement and an outcome each
+
+
+def test_an_unknown_id_in_a_batch_holds_back_nobody_and_fails_the_message_after(app):
+    accept(app, presigned(app, "opt_out", "r-1"))
+    app.bus.queue.clear()
+    seen: list[str] = []
+
+    def step(request_id: str) -> None:
+        seen.append(request_id)
+        if request_id == "r-missing":
+            raise UnknownRequest(f"no request with id {request_id!r}")
+
+    with pytest.raises(UnknownRequest):
+        batch.for_each(app, ["r-missing", "r-1", "r-2"], step)
+    assert seen == ["r-missing", "r-1", "r-2"]
+
+
+def test_a_retry_in_a_batch_comes_back_with_the_shortest_delay_after_the_others_ran(app):
+    seen: list[str] = []
+
+    def step(request_id: str) -> None:
+        seen.append(request_id)
+        if request_id == "r-slow":
+            raise StoreRetry("store 'crm' is down", 4000)
+        if request_id == "r-slower":
+            raise StoreRetry("store 'crm' is down", 9000)
+        if request_id == "r-missing":
+            raise UnknownRequest("no request")
+
+    with pytest.raises(StoreRetry) as raised:
+        batch.for_each(app, ["r-slower", "r-missing", "r-slow", "r-ok"], step)
+    assert raised.value.delay_ms == 4000  # the retry wins over the permanent error
+    assert seen == ["r-slower", "r-missing", "r-slow", "r-ok"]
+
+
+def test_what_the_ids_of_a_batch_ask_for_is_published_once_after_the_last(app):
+    published: list[Envelope] = []
+
+    class Counting(InlineBus):
+        def publish(self, envelope: Envelope) -> None:
+            published.append(envelope)
+
+    app.__dict__["bus"] = Counting(app=app)
+
+    def step(request_id: str) -> None:
+        with UnitOfWork(app) as work:
+            work.send(f"{request_id}:act", topology.ACT_ACTOR, topology.ACT_QUEUE, request_id)
+        assert not published  # nothing goes out while the batch runs
+
+    batch.for_each(app, ["r-1", "r-2", "r-3"], step)
+    assert [(e.actor, e.args) for e in published] == [
+        (topology.ACT_ACTOR, (["r-1", "r-2", "r-3"],))
+    ]
+    with app.sessions() as session:
+        assert (
+            session.scalar(
+                select(func.count()).select_from(OutboxRow).where(OutboxRow.published_at.is_(None))
+            )
+            == 0
+        )
+
+
+# -- the coalescing publisher -------------------------------------------------------------
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.messages: list[Envelope] = []
+        self.lock = threading.Lock()
+
+    def publish(self, envelope: Envelope) -> None:
+        with self.lock:
+            self.messages.append(envelope)
+
+    def outstanding(self) -> int | None:
+        return None
+
+
+def committed(app, keys: list[str]) -> list[Envelope]:
+    with app.sessions.begin() as session:
+        return outbox.add_all(
+            session,
+            [outbox.Wanted(k, topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, (k,)) for k in keys],
+        )
+
+
+def published_at(app) -> dict[str, bool]:
+    with app.sessions() as session:
+        rows = session.execute(select(OutboxRow.key, OutboxRow.published_at)).all()
+    return {key: at is not None for key, at in rows}
+
+
+def test_after_a_quiet_spell_a_message_goes_out_at_once(app):
+    bus = Recording()
+    publisher = Publisher(app.sessions, lambda: bus, window=timedelta(seconds=30))
+    publisher.submit(committed(app, ["r-1"]))
+    assert [m.args for m in bus.messages] == [(["r-1"],)]
+    assert published_at(app) == {"r-1": True}
+
+
+def test_messages_arriving_within_the_window_wait_and_go_together(app):
+    bus = Recording()
+    publisher = Publisher(app.sessions, lambda: bus, window=timedelta(milliseconds=300))
+    publisher.submit(committed(app, ["r-1"]))  # at once
+    for key in ("r-2", "r-3", "r-4"):
+        publisher.submit(committed(app, [key]))  # within the window: they wait
+    assert [m.args for m in bus.messages] == [(["r-1"],)]
+    assert published_at(app) == {"r-1": True, "r-2": False, "r-3": False, "r-4": False}
+    for _ in range(100):
+        if len(bus.messages) == 2:
+            break
+        time.sleep(0.05)
+    assert [m.args for m in bus.messages] == [(["r-1"],), (["r-2", "r-3", "r-4"],)]
+    assert all(published_at(app).values())  # marked only once sent
+
+
+def test_flush_sends_what_waits_and_a_broker_that_fails_leaves_it_to_the_relay(app):
+    class Down(Recording):
+        def publish(self, envelope: Envelope) -> None:
+            raise ConnectionError("broker down")
+
+    bus: Recording = Recording()
+    publisher = Publisher(app.sessions, lambda: bus, window=timedelta(seconds=30))
+    publisher.submit(committed(app, ["r-1"]))
+    publisher.submit(committed(app, ["r-2"]))
+    bus = Down()
+    publisher.flush()
+    assert published_at(app) == {"r-1": True, "r-2": False}  # the relay will send r-2
+    assert outbox.publish_pending(app.sessions, Recording(), older_than=timedelta(0)) == 1
