@@ -7,6 +7,7 @@ Nothing here connects at import time. `App` is created by each process entry poi
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -92,8 +93,12 @@ class DramatiqBus:
             return None
 
 
-def make_broker(settings: Settings) -> dramatiq.Broker:
-    """The broker for the configured URL: Redis by default, RabbitMQ by an amqp:// URL."""
+def make_broker(settings: Settings, *, keys: Callable[[], Keys] | None = None) -> dramatiq.Broker:
+    """The broker for the configured URL: Redis by default, RabbitMQ by an amqp:// URL.
+
+    Every message a worker gives up on becomes a dead letter with its reason and nothing
+    personal in clear (`pipeline.deadletters`); `keys` seal what may be personal (by
+    default the keys the settings name, loaded on first use)."""
     from dramatiq.middleware import (
         AgeLimit,
         Callbacks,
@@ -103,8 +108,14 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
         TimeLimit,
     )
 
+    from pipeline.deadletters import ArgumentCheck, DeadLetterReasons
+
+    if keys is None:
+        keys = App(settings).key_source.current
+
     middleware = [
         AgeLimit(),
+        ArgumentCheck(),
         TimeLimit(time_limit=15 * 60 * 1000),
         ShutdownNotifications(),
         Callbacks(),
@@ -114,15 +125,19 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
             min_backoff=settings.retry_base_ms,
             max_backoff=settings.retry_max_ms,
         ),
+        DeadLetterReasons(keys),
     ]
     if settings.broker_url.startswith(("amqp://", "amqps://")):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
         return RabbitmqBroker(url=settings.broker_url, middleware=middleware)
-    from dramatiq.brokers.redis import RedisBroker
+    from pipeline.deadletters import RedisBroker
 
     return RedisBroker(
-        url=settings.broker_url, namespace=settings.queue_namespace, middleware=middleware
+        url=settings.broker_url,
+        namespace=settings.queue_namespace,
+        middleware=middleware,
+        keys=keys,
     )
 
 
@@ -178,7 +193,7 @@ class App:
 
     @cached_property
     def broker(self) -> dramatiq.Broker:
-        return self.broker_override or make_broker(self.settings)
+        return self.broker_override or make_broker(self.settings, keys=lambda: self.keys)
 
     @cached_property
     def bus(self) -> DramatiqBus:

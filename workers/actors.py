@@ -64,9 +64,9 @@ def _retrying(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_broker = make_broker(Settings.from_env())
+_broker = make_broker(Settings.from_env(), keys=lambda: app().keys)
 dramatiq.set_broker(_broker)
-_permanent = {"throws": (PermanentError,)}
+_permanent: dict[str, Any] = {"throws": (PermanentError,)}
 
 
 @dramatiq.actor(actor_name=topology.INTAKE_ACTOR, queue_name=topology.INTAKE_QUEUE, max_retries=20)
