@@ -310,6 +310,20 @@ def test_a_stage_message_for_an_unknown_request_is_dead_lettered_at_once_with_wh
     assert_nothing_claimed(rig)
 
 
+def test_a_batch_of_unknown_ids_is_dead_lettered_with_its_ids_readable(rig):
+    rig.publish(topology.LOCATE_ACTOR, LOCATE, ["r-gone-1", "r-gone-2"])
+    token = rig.probe(LOCATE)
+    rig.start(LOCATE)
+    wait_for_probe(rig, token)
+    _, letter = only_dead_letter(rig, LOCATE)
+    assert letter["options"][REASON].startswith("UnknownRequest: no request with id 'r-gone-")
+    assert letter["args"] == [["r-gone-1", "r-gone-2"]] and SEALED not in letter["options"]
+    dead = DeadLetters(rig.app, lambda: rig.broker.client)
+    (group,) = dead.list(masked_pii=False, queue=LOCATE)
+    assert [d.summary for d in group.letters] == ["[r-gone-1, r-gone-2]"]
+    assert_nothing_claimed(rig)
+
+
 # -- (d) arguments that do not fit -----------------------------------------------------
 
 
