@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +22,12 @@ import structlog
 
 from connectors.base import Capability, Connector, Correction, Identity, InvalidCorrection
 from pipeline import archive, audit, policy, topology
+from pipeline.batch import as_ids
 from pipeline.db import CaseRow, ExportRow, RequestRow, utcnow
 from pipeline.requests import advance, load, payload_of
 from pipeline.states import RequestType, State
 from pipeline.suppression import suppress
-from pipeline.tasks import TaskOutcome, ensure_task, run_store_task, tasks_of
+from pipeline.tasks import TaskOutcome, ensure_task, run_store_tasks, tasks_of
 from pipeline.uow import UnitOfWork
 
 if TYPE_CHECKING:
@@ -186,8 +188,8 @@ def _all_acted(uow: UnitOfWork, request: RequestRow) -> None:
     uow.send(f"{request.id}:finish", topology.FINISH_ACTOR, topology.ACT_QUEUE, request.id)
 
 
-def act_on_store(app: App, request_id: str, store: str) -> None:
-    run_store_task(app, request_id, store, "act", _act(app), _all_acted)
+def act_on_store(app: App, request_ids: str | Sequence[str], store: str) -> None:
+    run_store_tasks(app, as_ids(request_ids), store, "act", _act(app), _all_acted)
 
 
 def _recheck(connector: Connector, identity: Identity, request: RequestRow) -> TaskOutcome:
@@ -206,8 +208,8 @@ def _all_rechecked(uow: UnitOfWork, request: RequestRow) -> None:
     uow.send(f"{request.id}:finish:verified", topology.FINISH_ACTOR, topology.ACT_QUEUE, request.id)
 
 
-def recheck_store(app: App, request_id: str, store: str) -> None:
-    run_store_task(app, request_id, store, "recheck", _recheck, _all_rechecked)
+def recheck_store(app: App, request_ids: str | Sequence[str], store: str) -> None:
+    run_store_tasks(app, as_ids(request_ids), store, "recheck", _recheck, _all_rechecked)
 
 
 def finish_request(app: App, request_id: str) -> None:

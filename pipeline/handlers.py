@@ -27,12 +27,20 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     topology.SEND_EMAIL_ACTOR: notify.send_email,
 }
 
+STORE_ACTORS = {
+    topology.LOCATE_STORE_ACTOR,
+    topology.ACT_STORE_ACTOR,
+    topology.RECHECK_STORE_ACTOR,
+}
+
 
 def handle(app: App, actor: str, *args: Any) -> Any:
     """Run one message. Stage messages carry a list of ids (`pipeline.batch`); the intake
     message carries one document."""
     stage = HANDLERS[actor]
     if actor == topology.INTAKE_ACTOR:
+        return stage(app, *args)
+    if actor in STORE_ACTORS:  # run a whole batch against the store at once
         return stage(app, *args)
     first, *rest = args
     batch.for_each(app, first, lambda one: stage(app, one, *rest))

@@ -6,14 +6,16 @@ marked as needing attention, never skipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from connectors.base import Connector, Identity
 from pipeline import topology
+from pipeline.batch import as_ids
 from pipeline.db import RequestRow
 from pipeline.requests import advance, load
 from pipeline.states import State
-from pipeline.tasks import TaskOutcome, ensure_task, run_store_task
+from pipeline.tasks import TaskOutcome, ensure_task, run_store_tasks
 from pipeline.uow import UnitOfWork
 
 if TYPE_CHECKING:
@@ -72,5 +74,5 @@ def _all_located(uow: UnitOfWork, request: RequestRow) -> None:
     uow.send(f"{request.id}:act", topology.ACT_ACTOR, topology.ACT_QUEUE, request.id)
 
 
-def locate_store(app: App, request_id: str, store: str) -> None:
-    run_store_task(app, request_id, store, "locate", _locate, _all_located)
+def locate_store(app: App, request_ids: str | Sequence[str], store: str) -> None:
+    run_store_tasks(app, as_ids(request_ids), store, "locate", _locate, _all_located)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +20,8 @@ from sqlalchemy import select
 from connectors.base import Connector, ConnectorError, Identity
 from pipeline import audit
 from pipeline.db import RequestRow, StoreTaskRow, utcnow
-from pipeline.errors import RetryLater, StoreFailed
-from pipeline.requests import advance, identity_of, load
+from pipeline.errors import RetryLater, StoreFailed, UnknownRequest
+from pipeline.requests import advance, identity_of
 from pipeline.states import TRANSITIONS, State
 from pipeline.uow import UnitOfWork
 
@@ -96,17 +96,6 @@ def tasks_of(uow: UnitOfWork, request_id: str, phase: str) -> list[StoreTaskRow]
     )
 
 
-def discovered_ids(app: App, uow: UnitOfWork, request_id: str) -> dict[str, str]:
-    """Product ids that locating found, to widen the identity used for acting (R11)."""
-    found: dict[str, str] = {}
-    for task in tasks_of(uow, request_id, "locate"):
-        if task.detail_enc is not None:
-            detail = app.keys.ring.decrypt_json(task.detail_enc, context=request_id.encode())
-            if isinstance(detail, dict):
-                found.update(detail.get("discovered_ids") or {})
-    return found
-
-
 def _fail(uow: UnitOfWork, request: RequestRow, task: StoreTaskRow, reason: str) -> None:
     task.status = "failed"
     task.last_error = reason
@@ -139,93 +128,218 @@ def run_store_task(
     work: Callable[[Connector, Identity, RequestRow], TaskOutcome],
     on_all_done: Callable[[UnitOfWork, RequestRow], None],
 ) -> None:
-    expected = PHASE_STATE[phase]
-    with UnitOfWork(app) as uow:
-        request = load(uow.session, request_id)
-        task = find_task(uow, request_id, store, phase)
-        if task is None or task.status != "pending" or request.state != expected.value:
-            # a stray or repeated message: the fan-out never asked for it, or it is done
-            log.info(
-                "store_task_skipped",
-                request_id=request_id,
-                store=store,
-                phase=phase,
-                status=task.status if task else "absent",
-                state=request.state,
-            )
-            return
-        task.attempts += 1
-        task.updated_at = utcnow()
-        attempt = task.attempts
-        identity = identity_of(
-            app, request, discovered_ids(app, uow, request_id) if phase != "locate" else None
-        )
-        snapshot = request
-    log.info("store_task_started", request_id=request_id, store=store, phase=phase, attempt=attempt)
-    connector = app.connectors.get(store)
-    error: str | None = None
+    run_store_tasks(app, [request_id], store, phase, work, on_all_done)
+
+
+@dataclass
+class _Call:
+    """One request's store call in a batch: what to call, then what came back."""
+
+    request_id: str
+    attempt: int
+    identity: Identity
+    snapshot: RequestRow
     outcome: TaskOutcome | None = None
-    started = time.monotonic()
-    if connector is None:
-        outcome = TaskOutcome({}, failed_for_good=f"store {store!r} is not configured any more")
-    else:
-        try:
-            outcome = work(connector, identity, snapshot)
-        except Exception as exc:
-            error = describe(exc)
-            log.warning(
-                "store_task_errored",
-                request_id=request_id,
-                store=store,
-                phase=phase,
-                attempt=attempt,
-                error=error,
-            )
+    error: str | None = None
+    duration_ms: int = 0
+
+
+def _by_id(uow: UnitOfWork, request_ids: Sequence[str]) -> dict[str, RequestRow]:
+    """The requests, locked on PostgreSQL in id order (no deadlock between batches)."""
+    query = select(RequestRow).where(RequestRow.id.in_(request_ids)).order_by(RequestRow.id)
+    if uow.session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return {r.id: r for r in uow.session.execute(query).scalars()}
+
+
+def _tasks(
+    uow: UnitOfWork, request_ids: Sequence[str], store: str, phase: str
+) -> dict[str, StoreTaskRow]:
+    rows = uow.session.execute(
+        select(StoreTaskRow).where(
+            StoreTaskRow.request_id.in_(request_ids),
+            StoreTaskRow.store == store,
+            StoreTaskRow.phase == phase,
+        )
+    ).scalars()
+    return {t.request_id: t for t in rows}
+
+
+def _discovered(app: App, uow: UnitOfWork, request_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Product ids that locating found, per request, to widen the identity (R11)."""
+    found: dict[str, dict[str, str]] = {rid: {} for rid in request_ids}
+    rows = uow.session.execute(
+        select(StoreTaskRow.request_id, StoreTaskRow.detail_enc)
+        .where(
+            StoreTaskRow.request_id.in_(request_ids),
+            StoreTaskRow.phase == "locate",
+            StoreTaskRow.detail_enc.is_not(None),
+        )
+        .order_by(StoreTaskRow.store)
+    ).all()
+    for request_id, blob in rows:
+        if blob is None:
+            continue
+        detail = app.keys.ring.decrypt_json(blob, context=request_id.encode())
+        if isinstance(detail, dict):
+            found[request_id].update(detail.get("discovered_ids") or {})
+    return found
+
+
+def run_store_tasks(
+    app: App,
+    request_ids: Sequence[str],
+    store: str,
+    phase: str,
+    work: Callable[[Connector, Identity, RequestRow], TaskOutcome],
+    on_all_done: Callable[[UnitOfWork, RequestRow], None],
+) -> None:
+    """One store's task for a batch of requests: claim them in one transaction, call the
+    connector for each outside any transaction, record every outcome and move on the
+    requests whose last task this was in one more. A request that is unknown, not in
+    the phase's state, or whose task is done or absent is skipped (a stray or repeated
+    message). Raises `StoreRetry` with the shortest delay when a call failed and may be
+    tried again: the message comes back, and the requests already recorded skip it."""
+    expected = PHASE_STATE[phase]
+    ids = sorted(set(request_ids))
+    calls: list[_Call] = []
     with UnitOfWork(app) as uow:
-        request = load(uow.session, request_id)
-        task = find_task(uow, request_id, store, phase)
-        if task is None or task.status != "pending":
-            return
-        task.duration_ms = round((time.monotonic() - started) * 1000)
-        if error is not None:
-            task.last_error = error
+        requests = _by_id(uow, ids)
+        tasks = _tasks(uow, ids, store, phase)
+        missing = [rid for rid in ids if rid not in requests]
+        if missing and len(missing) == len(ids):
+            raise UnknownRequest(f"no request with id {missing[0]!r}")
+        ready = []
+        for rid in ids:
+            request, task = requests.get(rid), tasks.get(rid)
+            if (
+                request is None
+                or task is None
+                or task.status != "pending"
+                or request.state != expected.value
+            ):
+                log.info(
+                    "store_task_skipped",
+                    request_id=rid,
+                    store=store,
+                    phase=phase,
+                    status=task.status if task else "absent",
+                    state=request.state if request else "unknown",
+                )
+                continue
+            task.attempts += 1
             task.updated_at = utcnow()
-            if attempt >= app.settings.store_max_attempts:
-                _fail(uow, request, task, error)
-                return
-            audit.record(
-                uow.session,
-                "store_task_retried",
-                request_id=request_id,
-                store=store,
-                phase=phase,
-                attempt=attempt,
-                reason=error,
+            ready.append((request, task.attempts))
+        discovered = (
+            _discovered(app, uow, [r.id for r, _ in ready]) if phase != "locate" and ready else {}
+        )
+        for request, attempt in ready:
+            identity = identity_of(
+                app, request, discovered.get(request.id) if phase != "locate" else None
+            )
+            calls.append(_Call(request.id, attempt, identity, request))
+    connector = app.connectors.get(store)
+    for call in calls:
+        log.info(
+            "store_task_started",
+            request_id=call.request_id,
+            store=store,
+            phase=phase,
+            attempt=call.attempt,
+        )
+        started = time.monotonic()
+        if connector is None:
+            call.outcome = TaskOutcome(
+                {}, failed_for_good=f"store {store!r} is not configured any more"
             )
         else:
-            assert outcome is not None
-            if outcome.failed_for_good:
-                _fail(uow, request, task, outcome.failed_for_good)
-                return
-            task.status = "done"
-            task.result = outcome.result
-            if outcome.detail is not None:
-                task.detail_enc = app.keys.ring.encrypt_json(
-                    outcome.detail, context=request_id.encode()
+            try:
+                call.outcome = work(connector, call.identity, call.snapshot)
+            except Exception as exc:
+                call.error = describe(exc)
+                log.warning(
+                    "store_task_errored",
+                    request_id=call.request_id,
+                    store=store,
+                    phase=phase,
+                    attempt=call.attempt,
+                    error=call.error,
                 )
-            task.completed_at = task.updated_at = utcnow()
-            audit.record(
-                uow.session,
-                f"store_{phase}_completed",
-                request_id=request_id,
-                store=store,
-                **outcome.result,
+        call.duration_ms = round((time.monotonic() - started) * 1000)
+    if not calls:
+        return
+    retry: StoreRetry | None = None
+    with UnitOfWork(app) as uow:
+        called = [c.request_id for c in calls]
+        requests = _by_id(uow, called)
+        tasks = _tasks(uow, called, store, phase)
+        finished: list[RequestRow] = []
+        for call in calls:
+            request, task = requests.get(call.request_id), tasks.get(call.request_id)
+            if request is None or task is None or task.status != "pending":
+                continue
+            task.duration_ms = call.duration_ms
+            delay = _record(app, uow, request, task, call)
+            if delay is not None and (retry is None or delay < retry.delay_ms):
+                retry = StoreRetry(call.error or "store failed", delay)
+            if task.status == "done":
+                finished.append(request)
+        if finished:
+            still = set(
+                uow.session.execute(
+                    select(StoreTaskRow.request_id).where(
+                        StoreTaskRow.request_id.in_([r.id for r in finished]),
+                        StoreTaskRow.phase == phase,
+                        StoreTaskRow.status != "done",
+                    )
+                ).scalars()
             )
-            for action, detail in outcome.events:
-                audit.record(uow.session, action, request_id=request_id, store=store, **detail)
-            log.info("store_task_completed", request_id=request_id, store=store, phase=phase)
-            pending = [t for t in tasks_of(uow, request_id, phase) if t.status != "done"]
-            if not pending and request.state == expected.value:
-                on_all_done(uow, request)
-            return
-    raise StoreRetry(error, backoff_ms(app, attempt))
+            for request in finished:
+                if request.id not in still and request.state == expected.value:
+                    on_all_done(uow, request)
+    if retry is not None:
+        raise retry
+
+
+def _record(
+    app: App, uow: UnitOfWork, request: RequestRow, task: StoreTaskRow, call: _Call
+) -> int | None:
+    """Record one call's outcome on its task; returns the retry delay if it is to be tried again."""
+    store, phase = task.store, task.phase
+    if call.error is not None:
+        task.last_error = call.error
+        task.updated_at = utcnow()
+        if call.attempt >= app.settings.store_max_attempts:
+            _fail(uow, request, task, call.error)
+            return None
+        audit.record(
+            uow.session,
+            "store_task_retried",
+            request_id=request.id,
+            store=store,
+            phase=phase,
+            attempt=call.attempt,
+            reason=call.error,
+        )
+        return backoff_ms(app, call.attempt)
+    outcome = call.outcome
+    assert outcome is not None
+    if outcome.failed_for_good:
+        _fail(uow, request, task, outcome.failed_for_good)
+        return None
+    task.status = "done"
+    task.result = outcome.result
+    if outcome.detail is not None:
+        task.detail_enc = app.keys.ring.encrypt_json(outcome.detail, context=request.id.encode())
+    task.completed_at = task.updated_at = utcnow()
+    audit.record(
+        uow.session,
+        f"store_{phase}_completed",
+        request_id=request.id,
+        store=store,
+        **outcome.result,
+    )
+    for action, detail in outcome.events:
+        audit.record(uow.session, action, request_id=request.id, store=store, **detail)
+    log.info("store_task_completed", request_id=request.id, store=store, phase=phase)
+    return None

@@ -260,3 +260,26 @@ def test_flush_sends_what_waits_and_a_broker_that_fails_leaves_it_to_the_relay(a
     publisher.flush()
     assert published_at(app) == {"r-1": True, "r-2": False}  # the relay will send r-2
     assert outbox.publish_pending(app.sessions, Recording(), older_than=timedelta(0)) == 1
+
+
+def test_one_store_call_of_a_batch_failing_retries_only_that_request(app):
+    from pipeline.db import StoreTaskRow
+
+    with uow.collecting() as outgoing:
+        for n in range(3):
+            accept(app, presigned(app, "opt_out", f"r-{n}"))
+    app.publisher.submit(outgoing)
+    app.connectors["crm"].fail_next(1)  # the first call of the batch: r-0's
+    app.bus.drain()
+    assert [request_row(app, f"r-{n}").state for n in range(3)] == ["done"] * 3
+    with app.sessions() as session:
+        attempts = dict(
+            session.execute(
+                select(StoreTaskRow.request_id, StoreTaskRow.attempts).where(
+                    StoreTaskRow.phase == "locate"
+                )
+            ).all()
+        )
+    assert attempts == {"r-0": 2, "r-1": 1, "r-2": 1}
+    locates = [e for e in app.bus.delivered if e.actor == topology.LOCATE_STORE_ACTOR]
+    assert [e.args for e in locates] == [(["r-0", "r-1", "r-2"], "crm")] * 2  # back once
