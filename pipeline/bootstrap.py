@@ -138,6 +138,7 @@ def make_broker(settings: Settings, *, keys: Callable[[], Keys] | None = None) -
         namespace=settings.queue_namespace,
         middleware=middleware,
         keys=keys,
+        idle_poll_ms=settings.worker_idle_poll_ms,
     )
 
 

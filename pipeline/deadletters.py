@@ -376,10 +376,18 @@ class RedisBroker(_RedisBroker):
     well-formed message for its queue, instead of handing the consumer something that
     stops it (see the module). `keys` seal what is moved."""
 
-    def __init__(self, *, keys: Callable[[], Keys] | None = None, **kwargs: Any):
+    def __init__(
+        self, *, keys: Callable[[], Keys] | None = None, idle_poll_ms: int = 100, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self.keys = keys
+        self.idle_poll_ms = idle_poll_ms
         self._quarantine = self.client.register_script(_QUARANTINE)
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        """An idle queue's consumer polls again after at most `idle_poll_ms` (dramatiq's
+        worker asks for up to a second): a request waits that long at most per stage."""
+        return super().consume(queue_name, prefetch, min(timeout, self.idle_poll_ms))
 
     def do_fetch(self, queue_name: str, prefetch: int) -> list[bytes | None]:
         bodies: list[bytes | None] = self._dispatch("fetch")(queue_name, prefetch)

@@ -48,3 +48,22 @@ def test_an_envelope_published_on_the_broker_is_received_with_its_ids(kind: str,
         else:
             broker.flush(queue)
         broker.close()
+
+
+def test_an_idle_redis_queue_is_polled_again_within_the_configured_interval(tmp_path: Path):
+    # dramatiq's worker lets an idle consumer sleep up to a second between polls, which a
+    # request pays at every stage; the pipeline's broker caps it
+    settings = Settings(
+        data_dir=tmp_path,
+        broker_url=URLS["redis"],
+        queue_namespace=f"privacy-broker-{uuid.uuid4().hex[:8]}",
+        worker_idle_poll_ms=40,
+    )
+    broker = make_broker(settings)
+    queue = f"privacy.test.{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    consumer = broker.consume(queue, timeout=1000)  # what dramatiq's Worker asks for
+    try:
+        assert consumer.timeout == 40
+    finally:
+        consumer.close()
