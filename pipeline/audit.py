@@ -80,6 +80,8 @@ def record(
 
 @event.listens_for(Session, "before_commit")
 def _chain_pending(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint is released: the entries wait for the real commit
     pending: list[_Entry] = session.info.pop(_PENDING, None) or []
     if not pending:
         return
@@ -104,6 +106,16 @@ def _chain_pending(session: Session) -> None:
         prev = digest
     session.add_all(rows)
     session.flush()
+
+
+def pending(session: Session) -> list[_Entry]:
+    """The entries waiting for the commit (to put back after a savepoint rolls back:
+    `restore_pending`)."""
+    return list(session.info.get(_PENDING) or [])
+
+
+def restore_pending(session: Session, entries: list[_Entry]) -> None:
+    session.info[_PENDING] = list(entries)
 
 
 @event.listens_for(Session, "after_rollback")

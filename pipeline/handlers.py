@@ -33,6 +33,15 @@ STORE_ACTORS = {
     topology.RECHECK_STORE_ACTOR,
 }
 
+# stages whose step is one short unit of work on the state database alone: a batch of
+# them runs in one transaction (`batch.for_each(shared=True)`)
+SHARED = {
+    topology.VERIFY_ACTOR,
+    topology.LOCATE_ACTOR,
+    topology.ACT_ACTOR,
+    topology.NOTIFY_ACTOR,
+}
+
 
 def handle(app: App, actor: str, *args: Any) -> Any:
     """Run one message. Stage messages carry a list of ids (`pipeline.batch`); the intake
@@ -43,5 +52,5 @@ def handle(app: App, actor: str, *args: Any) -> Any:
     if actor in STORE_ACTORS:  # run a whole batch against the store at once
         return stage(app, *args)
     first, *rest = args
-    batch.for_each(app, first, lambda one: stage(app, one, *rest))
+    batch.for_each(app, first, lambda one: stage(app, one, *rest), shared=actor in SHARED)
     return None

@@ -25,7 +25,12 @@ log = structlog.get_logger()
 
 
 def load(session: Session, request_id: str, *, lock: bool = True) -> RequestRow:
-    """The request row, locked against concurrent stage commits on PostgreSQL."""
+    """The request row, locked against concurrent stage commits on PostgreSQL (or
+    already locked by the batch's shared transaction)."""
+    if request_id in session.info.get("locked_requests", ()):
+        locked = session.get(RequestRow, request_id)
+        if locked is not None:
+            return locked
     query = select(RequestRow).where(RequestRow.id == request_id)
     if lock and session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()

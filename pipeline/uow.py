@@ -8,9 +8,11 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline import outbox
+from pipeline import audit, outbox
+from pipeline.db import RequestRow
 from pipeline.outbox import Envelope
 
 if TYPE_CHECKING:
@@ -31,17 +33,82 @@ def collecting() -> Iterator[list[Envelope]]:
         _collector.reset(token)
 
 
+class Shared:
+    """One transaction for the steps of a batch (`shared`): each step's units of work
+    run in it, each inside its own savepoint, and it commits once at the end."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.wanted: list[outbox.Wanted] = []
+        self.requests: list[RequestRow] = []
+
+    def lock_requests(self, request_ids: list[str]) -> None:
+        """Load and lock the batch's requests in one statement, in id order (batches that
+        overlap wait for each other, never deadlock); `requests.load` then finds them."""
+        query = select(RequestRow).where(RequestRow.id.in_(request_ids)).order_by(RequestRow.id)
+        if self.session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update()
+        self.requests = list(self.session.execute(query).scalars())  # held: the identity
+        # map keeps objects only while someone references them
+        self.session.info.setdefault(LOCKED, set()).update(r.id for r in self.requests)
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """One id's work: undone alone (savepoint), with its messages and audit entries,
+        if it raises."""
+        wanted, entries = len(self.wanted), audit.pending(self.session)
+        savepoint = self.session.begin_nested()
+        try:
+            yield
+        except BaseException:
+            savepoint.rollback()
+            del self.wanted[wanted:]
+            audit.restore_pending(self.session, entries)  # the earlier steps' entries
+            raise
+        savepoint.commit()
+
+
+LOCKED = "locked_requests"
+_shared: ContextVar[Shared | None] = ContextVar("shared", default=None)
+
+
+@contextmanager
+def shared(app: App) -> Iterator[Shared]:
+    """Units of work opened inside join one transaction, committed (with every message
+    they asked for) when the block ends without error."""
+    session = app.sessions()
+    scope = Shared(session)
+    token = _shared.set(scope)
+    sent: list[Envelope] = []
+    try:
+        yield scope
+        sent = outbox.add_all(session, scope.wanted)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        _shared.reset(token)
+        session.close()
+    outgoing = _collector.get()
+    if outgoing is not None:
+        outgoing.extend(sent)
+    elif sent:
+        app.publisher.submit(sent)
+
+
 class UnitOfWork:
     def __init__(self, app: App):
         self.app = app
         self._wanted: list[outbox.Wanted] = []
         self._sent: list[Envelope] = []
         self._outgoing = _collector.get()
+        self._scope = _shared.get()
         self.session: Session
 
     def __enter__(self) -> UnitOfWork:
-        self.session = self.app.sessions()
-        self._wanted = []
+        self._wanted = self._scope.wanted if self._scope is not None else []
+        self.session = self._scope.session if self._scope is not None else self.app.sessions()
         self._sent = []
         return self
 
@@ -55,6 +122,8 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._scope is not None:
+            return  # the shared transaction commits, or its step's savepoint rolls back
         try:
             if exc_type is None:
                 self._sent = outbox.add_all(self.session, self._wanted)

@@ -283,3 +283,82 @@ def test_one_store_call_of_a_batch_failing_retries_only_that_request(app):
     assert attempts == {"r-0": 2, "r-1": 1, "r-2": 1}
     locates = [e for e in app.bus.delivered if e.actor == topology.LOCATE_STORE_ACTOR]
     assert [e.args for e in locates] == [(["r-0", "r-1", "r-2"], "crm")] * 2  # back once
+
+
+def test_in_a_shared_batch_a_step_that_fails_half_way_is_undone_alone(app):
+    from pipeline import audit
+    from pipeline.db import AuditRow, TransitionRow
+    from pipeline.errors import InvalidTransition
+    from pipeline.requests import advance, load
+    from pipeline.states import State
+
+    for n in range(3):
+        accept(app, presigned(app, "opt_out", f"r-{n}"))
+    app.bus.queue.clear()
+
+    def step(request_id: str) -> None:
+        with UnitOfWork(app) as work:
+            request = load(work.session, request_id)
+            advance(work.session, request, State.VERIFIED, reason="test")
+            work.send(
+                f"{request_id}:next", topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, request_id
+            )
+            audit.record(work.session, "test_step", request_id=request_id)
+            if request_id == "r-1":  # writes done, then a permanent error
+                raise InvalidTransition("r-1 cannot go on")
+
+    with pytest.raises(InvalidTransition):
+        batch.for_each(app, ["r-0", "r-1", "r-2"], step, shared=True)
+    assert [request_row(app, f"r-{n}").state for n in range(3)] == [
+        "verified",
+        "received",  # undone alone
+        "verified",
+    ]
+    with app.sessions() as session:
+        steps = session.scalars(
+            select(AuditRow.request_id).where(AuditRow.action == "test_step")
+        ).all()
+        moved = session.scalars(
+            select(TransitionRow.request_id).where(TransitionRow.reason == "test")
+        ).all()
+        keys = session.scalars(select(OutboxRow.key).where(OutboxRow.key.like("%:next"))).all()
+        report = audit.verify_chain(session)
+    assert sorted(steps) == sorted(moved) == ["r-0", "r-2"]
+    assert sorted(keys) == ["r-0:next", "r-2:next"]
+    assert report.intact
+    (message,) = [e for e in app.bus.queue if e.actor == topology.LOCATE_ACTOR]
+    assert message.args == (["r-0", "r-2"],)
+
+
+def test_a_shared_batch_locks_its_requests_once_and_commits_once(app):
+    from sqlalchemy import event
+
+    for n in range(4):
+        accept(app, presigned(app, "opt_out", f"r-{n}"))
+    app.bus.queue.clear()
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *rest):
+        statements.append(statement.split()[0].upper())
+
+    event.listen(app.engine, "before_cursor_execute", count)
+    try:
+        from pipeline import handlers
+
+        handlers.handle(app, topology.VERIFY_ACTOR, [f"r-{n}" for n in range(4)])
+    finally:
+        event.remove(app.engine, "before_cursor_execute", count)
+    assert [request_row(app, f"r-{n}").state for n in range(4)] == ["verified"] * 4
+    # one SELECT of the four requests, not one each; one outbox INSERT for the batch
+    with app.sessions() as session:
+        assert (
+            session.scalar(
+                select(func.count())
+                .select_from(OutboxRow)
+                .where(OutboxRow.actor == topology.LOCATE_ACTOR)
+            )
+            == 4
+        )
+    assert statements.count("SAVEPOINT") == 4
+    selects_of_requests = [s for s in statements if s == "SELECT"]
+    assert len(selects_of_requests) < 4 * 2  # far fewer than a transaction per request
