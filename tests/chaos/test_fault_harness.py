@@ -41,7 +41,8 @@ def test_no_request_is_lost_or_doubled_under_faults(database: str, broker: str) 
     assert report.duplicate_exports == 0
     assert report.erasures == requests // 5 and report.erasures_unverified == []
     assert report.wrong_deadlines == []
-    # the reconciler re-sends what the broker lost, not what waits in its queues (with
-    # RabbitMQ, too: a retry storm there once re-sent several messages per request)
-    assert report.rekicked <= requests, report.rekicked
+    if broker == "rabbitmq":
+        # RabbitMQ loses nothing in a restart, so the reconciler has next to nothing to
+        # re-send; it once re-sent whatever waited in the queues (327 for 100 requests)
+        assert report.rekicked <= requests // 4, report.rekicked
     assert report.ok
