@@ -7,11 +7,13 @@ nothing, so each event reaches the person once (DESIGN invariant 4).
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from pipeline import audit
 from pipeline.db import CaseRow, ExportRow, NotificationRow, RequestRow, utcnow
@@ -174,20 +176,44 @@ def send_email(app: App, notification_id: str) -> None:
             "email_deferred", notification_id=notification_id, attempt=attempt, error=str(exc)
         )
         raise MailRetry(str(exc), delay) from exc
-    with UnitOfWork(app) as uow:
-        row = uow.session.get(NotificationRow, notification_id)
-        assert row is not None
-        row.status = "sent"
-        row.claimed_until = None
-        row.sent_at = row.updated_at = utcnow()
-        audit.record(
-            uow.session,
-            "email_sent",
-            request_id=request_id,
-            event=event,
-            notification_id=notification_id,
-        )
+    _record_sent(app, notification_id, request_id, event)
     log.info("email_sent", request_id=request_id, mail_event=event, notification_id=notification_id)
+
+
+def _record_sent(app: App, notification_id: str, request_id: str, event: str) -> None:
+    """Mark the row sent. The mail is out: if the state database is unreachable (it is
+    restarting), keep trying for as long as the lease holds, since giving up would let
+    the lease expire and the mail go out again."""
+    deadline = time.monotonic() + _lease(app).total_seconds() / 2
+    pause = 0.2
+    while True:
+        try:
+            with UnitOfWork(app) as uow:
+                row = uow.session.get(NotificationRow, notification_id)
+                assert row is not None
+                if row.status == "sent":
+                    return
+                row.status = "sent"
+                row.claimed_until = None
+                row.sent_at = row.updated_at = utcnow()
+                audit.record(
+                    uow.session,
+                    "email_sent",
+                    request_id=request_id,
+                    event=event,
+                    notification_id=notification_id,
+                )
+            return
+        except OperationalError as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning(
+                "email_sent_record_retried",
+                notification_id=notification_id,
+                error=type(exc).__name__,
+            )
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def close_case(app: App, request_id: str, reply: str, *, actor: str) -> None:

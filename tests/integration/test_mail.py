@@ -223,6 +223,43 @@ def test_a_queued_email_is_sent_once_however_often_its_message_arrives(state_url
         app.close()
 
 
+def test_a_state_database_lost_after_the_mail_went_out_does_not_send_it_twice(
+    state_url, tmp_path, sink
+):
+    # the state database drops the connection twice as the row is marked sent (as in a
+    # PostgreSQL restart); the sender keeps trying within its lease instead of leaving
+    # the row to be sent again when the lease expires
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    app = make_app(state_url, tmp_path / "data", bus=QuietBus(), smtp_port=sink.port)
+    cuts = []
+
+    def cut(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("UPDATE notifications") and "status" in statement:
+            if len(cuts) < 2 and "sending" not in str(parameters):
+                cuts.append(statement)
+                raise OperationalError(statement, parameters, ConnectionError("server gone"))
+
+    try:
+        accept(app, document("access", "r-1"))
+        (note,) = notifications(app, "r-1")
+        event.listen(app.engine, "before_cursor_execute", cut)
+        try:
+            notify.send_email(app, note.id)
+        finally:
+            event.remove(app.engine, "before_cursor_execute", cut)
+        assert len(cuts) == 2
+        assert [m["Message-ID"] for m in sink.messages()] == [note.message_id]
+        with app.sessions() as session:
+            row = session.get(NotificationRow, note.id)
+            assert (row.status, row.attempts) == ("sent", 1)
+        notify.send_email(app, note.id)  # a later nudge finds it sent
+        assert len(sink.messages()) == 1
+    finally:
+        app.close()
+
+
 def test_a_queued_email_that_cannot_be_sent_stays_pending_with_the_error(state_url, tmp_path):
     app = make_app(state_url, tmp_path / "data", bus=QuietBus(), smtp_port=closed_port())
     try:
