@@ -236,10 +236,10 @@ def test_a_state_database_lost_after_the_mail_went_out_does_not_send_it_twice(
     cuts = []
 
     def cut(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("UPDATE notifications") and "status" in statement:
-            if len(cuts) < 2 and "sending" not in str(parameters):
-                cuts.append(statement)
-                raise OperationalError(statement, parameters, ConnectionError("server gone"))
+        marks_sent = statement.startswith("UPDATE notifications") and "sent" in str(parameters)
+        if marks_sent and "sending" not in str(parameters) and len(cuts) < 2:
+            cuts.append(statement)
+            raise OperationalError(statement, parameters, ConnectionError("server gone"))
 
     try:
         accept(app, document("access", "r-1"))
