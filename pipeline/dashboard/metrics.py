@@ -4,24 +4,25 @@ the broker, in a registry of the dashboard's own (no process-global state)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
+from sqlalchemy.orm import aliased
 
-from pipeline.dashboard.overview import counts, store_health
+from pipeline.dashboard.overview import counts, store_health, store_names
 from pipeline.dashboard.queues import QueueReader
-from pipeline.db import RequestRow, StoreTaskRow, TransitionRow, utcnow
+from pipeline.db import StoreTaskRow, TransitionRow, utcnow
 
 if TYPE_CHECKING:
     from pipeline.bootstrap import App
 
 
 STAGE_WINDOW = timedelta(hours=1)
-STAGE_SAMPLE = 20_000  # transitions read at most per scrape
+STAGE_SAMPLE = 20_000  # transitions read at most per scrape, the latest first
 
 
 class PipelineCollector(Collector):
@@ -31,33 +32,35 @@ class PipelineCollector(Collector):
 
     def _stage_durations(self) -> Metric:
         """How long requests stayed in each state, for states left within the last hour:
-        the time from entering a state to the transition that left it."""
+        from the request's transition before (entering the state) to the one that left
+        it. Each transition's predecessor is looked up on the request's transitions (the
+        `request_id` index), so only the last hour's transitions are read, at most
+        STAGE_SAMPLE of them, the latest first."""
         family = SummaryMetricFamily(
             "privacy_stage_duration_seconds",
             "Time requests spent in each stage, for stages left in the last hour",
             labels=["stage"],
         )
         since = utcnow() - STAGE_WINDOW
+        left, before = TransitionRow, aliased(TransitionRow)
+        entered = (
+            select(before.at)
+            .where(before.request_id == left.request_id, before.id < left.id)
+            .order_by(before.id.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
         with self.app.sessions() as session:
-            recent = (
-                select(TransitionRow.request_id)
-                .where(TransitionRow.at >= since)
-                .distinct()
-                .limit(STAGE_SAMPLE)
-                .scalar_subquery()
-            )
             rows = session.execute(
-                select(TransitionRow.request_id, TransitionRow.from_state, TransitionRow.at)
-                .where(TransitionRow.request_id.in_(recent))
-                .order_by(TransitionRow.request_id, TransitionRow.id)
+                select(left.from_state, left.at, entered)
+                .where(left.at >= since, left.from_state.is_not(None))
+                .order_by(left.at.desc())
+                .limit(STAGE_SAMPLE)
             ).all()
-        entered: dict[str, datetime] = {}
         totals: dict[str, list[float]] = {}
-        for request_id, from_state, at in rows:
-            start = entered.get(request_id)
-            if from_state is not None and start is not None and at >= since:
+        for from_state, at, start in rows:
+            if from_state is not None and start is not None:
                 totals.setdefault(from_state, []).append((at - start).total_seconds())
-            entered[request_id] = at
         for stage, seconds in sorted(totals.items()):
             family.add_metric([stage], count_value=len(seconds), sum_value=sum(seconds))
         return family
@@ -66,24 +69,11 @@ class PipelineCollector(Collector):
         requests = GaugeMetricFamily(
             "privacy_requests", "Requests by state and type", labels=["state", "type"]
         )
-        with self.app.sessions() as session:
-            rows = session.execute(
-                select(RequestRow.state, RequestRow.type, func.count()).group_by(
-                    RequestRow.state, RequestRow.type
-                )
-            ).all()
-            failures = session.execute(
-                select(StoreTaskRow.store, func.count())
-                .where(StoreTaskRow.status == "failed")
-                .group_by(StoreTaskRow.store)
-            ).all()
-            stores = session.execute(select(StoreTaskRow.store).distinct()).scalars().all()
-        for state, kind, count in rows:
+        summary = counts(self.app, attention_limit=0)
+        for (state, kind), count in sorted(summary.by_state_type.items()):
             requests.add_metric([state, kind], count)
         yield requests
         yield self._stage_durations()
-
-        summary = counts(self.app, attention_limit=0)
         yield GaugeMetricFamily(
             "privacy_requests_at_risk", "Open requests due within 7 days", value=summary.at_risk
         )
@@ -91,14 +81,23 @@ class PipelineCollector(Collector):
             "privacy_requests_overdue", "Open requests past their due date", value=summary.overdue
         )
 
+        with self.app.sessions() as session:
+            # per store on the (store, status, ...) index: no read of every task
+            failures = {
+                store: session.scalar(
+                    select(func.count()).where(
+                        StoreTaskRow.store == store, StoreTaskRow.status == "failed"
+                    )
+                )
+                for store in store_names(session)
+            }
         failed = GaugeMetricFamily(
             "privacy_store_tasks_failed",
             "Store tasks that failed after every retry, per store",
             labels=["store"],
         )
-        by_store = dict.fromkeys(stores, 0) | {store: n for store, n in failures}
-        for store, n in sorted(by_store.items()):
-            failed.add_metric([store], n)
+        for store, n in sorted(failures.items()):
+            failed.add_metric([store], n or 0)
         yield failed
 
         latency = GaugeMetricFamily(

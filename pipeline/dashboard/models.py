@@ -1,8 +1,9 @@
 """The dashboard's tables: operators, their sessions, and the indexes its list needs.
 
 They live on `pipeline.db.Base`, so Alembic sees them (migration 0002). The extra
-indexes on `requests` and `store_tasks` keep the filtered, paginated request list fast
-with a hundred thousand requests in the state database.
+indexes on `requests`, `store_tasks` and `transitions` keep the filtered, paginated
+request list and the overview fast with a hundred thousand requests in the state database
+(`bench/dashboard_scale.py`).
 """
 
 from __future__ import annotations
@@ -44,16 +45,36 @@ class OperatorSessionRow(Base):
 
 # The request list filters by type and jurisdiction and pages by (due_at, id); the store
 # filter, the per-store counts and each store's last success read store_tasks by
-# (store, status, completed_at); connector health reads the tasks touched in the last
-# day (updated_at) and the charts the transitions of the last day (at).
-Index("ix_requests_type", RequestRow.type)
+# (store, status, completed_at). Connector health reads, store by store, the tasks touched
+# in the last day from (store, updated_at, status, attempts, duration_ms) alone, and those
+# with an error from a partial index of them; the charts read the day's final and
+# stopping transitions by (to_state, at), the stage durations the last hour's by (at);
+# the at-risk and overdue counts the open requests by (completed_at, due_at); the counts
+# by type and state (overview, /metrics) read (type, state) alone.
+Index("ix_requests_type", RequestRow.type, RequestRow.state)
 Index("ix_requests_jurisdiction", RequestRow.jurisdiction)
 Index("ix_requests_due_at_id", RequestRow.due_at, RequestRow.id)
+Index("ix_requests_open_due", RequestRow.completed_at, RequestRow.due_at)
 Index(
     "ix_store_tasks_store_status_completed",
     StoreTaskRow.store,
     StoreTaskRow.status,
     StoreTaskRow.completed_at,
 )
-Index("ix_store_tasks_updated_at", StoreTaskRow.updated_at)
+Index(
+    "ix_store_tasks_store_updated",
+    StoreTaskRow.store,
+    StoreTaskRow.updated_at,
+    StoreTaskRow.status,
+    StoreTaskRow.attempts,
+    StoreTaskRow.duration_ms,
+)
+Index(
+    "ix_store_tasks_errors",
+    StoreTaskRow.store,
+    StoreTaskRow.updated_at,
+    sqlite_where=StoreTaskRow.last_error.is_not(None),
+    postgresql_where=StoreTaskRow.last_error.is_not(None),
+)
 Index("ix_transitions_at", TransitionRow.at)
+Index("ix_transitions_to_state_at", TransitionRow.to_state, TransitionRow.at)

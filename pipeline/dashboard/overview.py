@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.orm import Session
 
 from pipeline import audit, policy, topology
 from pipeline.dashboard.masking import mask_subject
@@ -61,6 +62,7 @@ class Counts:
     at_risk: int
     overdue: int
     attention: list[Attention]
+    by_state_type: dict[tuple[str, str], int] = field(default_factory=dict)  # as stored
 
     @property
     def total(self) -> int:
@@ -71,12 +73,15 @@ def counts(app: App, *, now: datetime | None = None, attention_limit: int = 20) 
     now = now or utcnow()
     is_open = RequestRow.completed_at.is_(None)
     with app.sessions() as session:
-        by_state = dict(
-            session.execute(select(RequestRow.state, func.count()).group_by(RequestRow.state)).all()
-        )
-        by_type = dict(
-            session.execute(select(RequestRow.type, func.count()).group_by(RequestRow.type)).all()
-        )
+        # one pass over the (type, state) index for both tables here and for /metrics
+        by_state_type = {
+            (state, kind): int(n)
+            for state, kind, n in session.execute(
+                select(RequestRow.state, RequestRow.type, func.count()).group_by(
+                    RequestRow.type, RequestRow.state
+                )
+            ).all()
+        }
         at_risk = session.scalar(
             select(func.count()).where(
                 is_open,
@@ -91,15 +96,21 @@ def counts(app: App, *, now: datetime | None = None, attention_limit: int = 20) 
             .order_by(RequestRow.due_at, RequestRow.id)
             .limit(attention_limit)
         ).all()
+    by_state: Counter[str] = Counter()
+    by_type: Counter[str] = Counter()
+    for (state, kind), n in by_state_type.items():
+        by_state[state] += n
+        by_type[kind] += n
     return Counts(
-        by_state={s.value: int(by_state.get(s.value, 0)) for s in State},
-        by_type={t.value: int(by_type.get(t.value, 0)) for t in RequestType},
+        by_state={s.value: by_state[s.value] for s in State},
+        by_type={t.value: by_type[t.value] for t in RequestType},
         at_risk=int(at_risk or 0),
         overdue=int(overdue or 0),
         attention=[
             Attention(r.id, r.type, r.state_reason or "stopped; a person must look", r.due_at)
             for r in stuck
         ],
+        by_state_type=by_state_type,
     )
 
 
@@ -233,10 +244,13 @@ def list_requests(
     if flt.due_before:
         query = query.where(RequestRow.due_at < datetime.combine(flt.due_before, time(), UTC))
     if flt.store:
+        # EXISTS, not IN: each candidate row is checked on the (request_id, store, phase)
+        # key while the page walks the (due_at, id) index; SQLite would otherwise collect
+        # every request the store ever had, then sort them
         query = query.where(
-            RequestRow.id.in_(
-                select(StoreTaskRow.request_id).where(StoreTaskRow.store == flt.store)
-            )
+            select(StoreTaskRow.id)
+            .where(StoreTaskRow.request_id == RequestRow.id, StoreTaskRow.store == flt.store)
+            .exists()
         )
     if after is not None:
         query = query.where(
@@ -285,11 +299,20 @@ def _decrypt_subject(app: App, request_id: str, blob: bytes) -> dict[str, Any]:
     return value
 
 
+def store_names(session: Session) -> list[str]:
+    """Every store that has a task, in order. A loose index scan: one seek per store down
+    the (store, ...) index (a recursive query, on SQLite and PostgreSQL alike), where
+    `SELECT DISTINCT store` would read the index entry of every task."""
+    t = StoreTaskRow
+    walk = select(func.min(t.store).label("store")).cte("stores", recursive=True)
+    following = select(func.min(t.store)).where(t.store > walk.c.store).scalar_subquery()
+    walk = walk.union_all(select(following).where(walk.c.store.is_not(None)))
+    return list(session.execute(select(walk.c.store).where(walk.c.store.is_not(None))).scalars())
+
+
 def known_stores(app: App) -> list[str]:
     with app.sessions() as session:
-        return list(
-            session.execute(select(StoreTaskRow.store).distinct().order_by("store")).scalars()
-        )
+        return store_names(session)
 
 
 # -- one request -------------------------------------------------------------------------
@@ -389,23 +412,30 @@ class WindowHealth:
     failed: int  # tasks that failed for good in the window
     attempts: int  # attempts of the tasks touched in the window
     errors: int  # of those, the attempts that errored
-    latencies_ms: tuple[int, ...] = ()  # each touched task's last store call, sorted
+    # each touched task's last store call, as (milliseconds, tasks) from the fastest
+    latency_counts: tuple[tuple[int, int], ...] = ()
 
     @property
     def error_rate(self) -> float | None:
         return self.errors / self.attempts if self.attempts else None
 
+    @property
+    def latencies_ms(self) -> tuple[int, ...]:
+        """Every call time in the window, sorted."""
+        return tuple(ms for ms, tasks in self.latency_counts for _ in range(tasks))
+
     def latency_ms(self, quantile: float) -> int | None:
         """The store call time at `quantile` (nearest rank) of the tasks in the window."""
-        if not self.latencies_ms:
+        total = sum(tasks for _, tasks in self.latency_counts)
+        if not total:
             return None
-        rank = max(1, math.ceil(quantile * len(self.latencies_ms)))
-        return self.latencies_ms[rank - 1]
-
-
-def _window(tally: list[int], latencies: list[int]) -> WindowHealth:
-    done, failed, attempts, errors = tally
-    return WindowHealth(done, failed, attempts, errors, tuple(sorted(latencies)))
+        rank = max(1, math.ceil(quantile * total))
+        seen = 0
+        for ms, tasks in self.latency_counts:
+            seen += tasks
+            if seen >= rank:
+                return ms
+        raise AssertionError("unreachable: the ranks add up to the total")
 
 
 @dataclass(frozen=True)
@@ -431,68 +461,85 @@ def store_health(app: App, *, now: datetime | None = None) -> list[StoreHealth]:
     failed and the share of attempts that errored. An attempt counts as errored when the
     task ended `failed` (every attempt), ended `done` (all but the last), or is pending
     with an error recorded (each attempt so far; one may still be running). Latency is
-    the time of each touched task's last store call (`duration_ms`)."""
+    the time of each touched task's last store call (`duration_ms`).
+
+    The database does the counting, store by store, from indexes that lead with the
+    store: a few hundred rows come back per store (one per call time, status and
+    window), however many tasks ran (see `_windows_of`)."""
     now = now or utcnow()
-    t = StoreTaskRow
-    longest = max(span for _, span in HEALTH_WINDOWS)
     with app.sessions() as session:
-        # counts by (store, status) and the last success per store come from the
-        # (store, status) index; the windows read only the tasks touched in the last day
-        by_status = session.execute(
-            select(t.store, t.status, func.count()).group_by(t.store, t.status)
-        ).all()
-        stores = sorted({store for store, _, _ in by_status})
-        last_success = {
-            store: session.scalar(
-                select(func.max(t.completed_at)).where(t.store == store, t.status == "done")
-            )
-            for store in stores
-        }
-        recent = session.execute(
-            select(
-                t.store,
-                t.status,
-                t.attempts,
-                t.last_error.is_not(None),
-                t.updated_at,
-                t.duration_ms,
-            ).where(t.updated_at >= now - longest)
-        ).all()
-    pending = {store: n for store, status, n in by_status if status == "pending"}
-    tally = {(store, name): [0, 0, 0, 0] for store in stores for name, _ in HEALTH_WINDOWS}
-    latencies: dict[tuple[str, str], list[int]] = defaultdict(list)
-    last_error: dict[str, datetime] = {}
-    for store, status, attempts, has_error, updated_at, duration_ms in recent:
-        if status == "failed":
-            errors = attempts
-        elif status == "done":
-            errors = attempts - 1
-        else:
-            errors = attempts if has_error else 0
-        if has_error and (store not in last_error or updated_at > last_error[store]):
-            last_error[store] = updated_at
-        for name, span in HEALTH_WINDOWS:
-            if updated_at >= now - span:
-                counts_ = tally[(store, name)]
-                counts_[0] += status == "done"
-                counts_[1] += status == "failed"
-                counts_[2] += attempts
-                counts_[3] += errors
-                if duration_ms is not None:
-                    latencies[(store, name)].append(duration_ms)
-    return [
-        StoreHealth(
-            store=store,
-            last_success=last_success[store],
-            last_error_at=last_error.get(store),
-            pending=int(pending.get(store, 0)),
-            windows={
-                name: _window(tally[(store, name)], latencies[(store, name)])
-                for name, _ in HEALTH_WINDOWS
-            },
+        return [_health_of(session, store, now) for store in store_names(session)]
+
+
+def _health_of(session: Session, store: str, now: datetime) -> StoreHealth:
+    t = StoreTaskRow
+    mine = t.store == store
+    since = now - max(span for _, span in HEALTH_WINDOWS)
+    pending = session.scalar(select(func.count()).where(mine, t.status == "pending"))
+    last_success = session.scalar(select(func.max(t.completed_at)).where(mine, t.status == "done"))
+    # The tasks with an error recorded (a small partial index): the last error, and the
+    # attempts of the pending ones, all errored so far.
+    pending_errors = [
+        func.sum(
+            case((and_(t.updated_at >= now - span, t.status == "pending"), t.attempts), else_=0)
         )
-        for store in stores
+        for _, span in HEALTH_WINDOWS
     ]
+    errored = session.execute(
+        select(func.max(t.updated_at), *pending_errors).where(
+            mine, t.last_error.is_not(None), t.updated_at >= since
+        )
+    ).one()
+    windows = _windows_of(session, store, now)
+    for i, (name, window) in enumerate(windows.items()):
+        windows[name] = replace(window, errors=window.errors + int(errored[1 + i] or 0))
+    return StoreHealth(
+        store=store,
+        last_success=last_success,
+        last_error_at=errored[0],
+        pending=int(pending or 0),
+        windows=windows,
+    )
+
+
+def _windows_of(session: Session, store: str, now: datetime) -> dict[str, WindowHealth]:
+    """The store's tasks touched in each window: done, failed, attempts, the errors of
+    the tasks that ended (every attempt of a failed one, all but the last of a done one;
+    the caller adds those of pending tasks), and how many took each whole number of
+    milliseconds (a histogram, so the quantiles stay exact).
+
+    One pass over the longest window on the (store, updated_at, status, attempts,
+    duration_ms) index, grouped by call time, status and the narrowest window holding
+    the task: a few hundred rows come back however many tasks ran."""
+    t = StoreTaskRow
+    spans = [span for _, span in HEALTH_WINDOWS]
+    assert spans == sorted(spans), "HEALTH_WINDOWS go from the narrowest to the widest"
+    narrowest = case(*((t.updated_at >= now - span, i) for i, span in enumerate(spans)))
+    rows = session.execute(
+        select(t.duration_ms, t.status, narrowest, func.count(), func.sum(t.attempts))
+        .where(t.store == store, t.updated_at >= now - spans[-1])
+        .group_by(t.duration_ms, t.status, narrowest)
+    ).all()
+    figures = [[0, 0, 0, 0] for _ in spans]  # done, failed, attempts, errors
+    histograms: list[Counter[int]] = [Counter() for _ in spans]
+    for ms, status, slot, tasks, attempts in rows:
+        errors = attempts if status == "failed" else attempts - tasks if status == "done" else 0
+        for i in range(int(slot), len(spans)):  # a window holds the narrower ones
+            window = figures[i]
+            window[0] += tasks if status == "done" else 0
+            window[1] += tasks if status == "failed" else 0
+            window[2] += attempts
+            window[3] += errors
+            if ms is not None:
+                histograms[i][ms] += tasks
+    windows = {}
+    for (name, _), (done, failed, attempts, errors), histogram in zip(
+        HEALTH_WINDOWS, figures, histograms, strict=True
+    ):
+        windows[name] = WindowHealth(
+            done, failed, attempts, errors, tuple(sorted(histogram.items()))
+        )
+    return windows
 
 
 # -- flow over time ----------------------------------------------------------------------
@@ -535,39 +582,32 @@ FLOW_WINDOWS = (("hour", timedelta(minutes=5), 12), ("day", timedelta(hours=1), 
 def flow(app: App, *, now: datetime | None = None) -> list[FlowWindow]:
     """Throughput (requests reaching a final state) and failures (requests stopping for
     a person) per 5 minutes over the last hour and per hour over the last day, from the
-    transitions. Only requests updated in the last day are looked at (through the
-    `requests.updated_at` index: a transition always touches it)."""
+    transitions. Counted in SQL per window, grouped by state and bucket (a CASE on the
+    bucket boundaries, the same on SQLite and PostgreSQL), from the `(to_state, at)`
+    index: one row per state and bucket comes back, however many requests moved."""
     now = now or utcnow()
-    since = now - timedelta(days=1)
-    final = [s.value for s in TERMINAL]
-    counted = [*final, State.NEEDS_ATTENTION.value]
-    with app.sessions() as session:
-        rows = session.execute(
-            select(TransitionRow.to_state, TransitionRow.at).where(
-                TransitionRow.request_id.in_(
-                    select(RequestRow.id).where(RequestRow.updated_at >= since)
-                ),
-                TransitionRow.at >= since,
-                TransitionRow.to_state.in_(counted),
-            )
-        ).all()
+    counted = [*(s.value for s in TERMINAL), State.NEEDS_ATTENTION.value]
+    t = TransitionRow
     windows = []
-    for name, width, count in FLOW_WINDOWS:
-        start = now - width * count
-        finished = [0] * count
-        stopped = [0] * count
-        for to_state, at in rows:
-            if at < start or at > now:
-                continue
-            i = min(int((at - start) / width), count - 1)
-            if to_state == State.NEEDS_ATTENTION.value:
-                stopped[i] += 1
-            else:
-                finished[i] += 1
-        windows.append(
-            FlowWindow(
-                name,
-                [Bucket(start + width * i, finished[i], stopped[i]) for i in range(count)],
+    with app.sessions() as session:
+        for name, width, count in FLOW_WINDOWS:
+            start = now - width * count
+            # the latest boundary first: a transition at `now` falls in the last bucket
+            bucket = case(*((t.at >= start + width * i, i) for i in reversed(range(count))))
+            rows = session.execute(
+                select(t.to_state, bucket, func.count())
+                .where(t.to_state.in_(counted), t.at >= start, t.at <= now)
+                .group_by(t.to_state, bucket)
+            ).all()
+            finished = [0] * count
+            stopped = [0] * count
+            for to_state, i, n in rows:
+                tally = stopped if to_state == State.NEEDS_ATTENTION.value else finished
+                tally[int(i)] += int(n)
+            windows.append(
+                FlowWindow(
+                    name,
+                    [Bucket(start + width * i, finished[i], stopped[i]) for i in range(count)],
+                )
             )
-        )
     return windows
