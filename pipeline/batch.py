@@ -2,9 +2,11 @@
 
 The outbox groups the messages a stage asks for by actor (`outbox.grouped`), so
 requests that move together travel together: one message, one delivery, one
-acknowledgement for many requests. Each id still runs in its own transaction, exactly as
-if it had come alone, so idempotency, fan-in and the audit trail do not change. What
-the ids' transactions ask for is published once, grouped, after the last of them.
+acknowledgement for many requests. Each id still runs as if it had come alone, so
+idempotency, fan-in and the audit trail do not change: in its own transaction, or, for
+the short stages that touch only the state database (`shared`), in its own savepoint of
+one transaction for the batch. What the ids ask for is published once, grouped, after
+the last of them.
 
 One id's failure does not hold back the others: they all run first. Then a retry
 (a store or the mail server failed) brings the whole message back after its delay, and
