@@ -368,8 +368,15 @@ def distinct(statements: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return list(seen.items())
 
 
-def explain(engine: sa.Engine, dialect: str, statement: str, parameters: Any) -> str:
-    prefix = "EXPLAIN (FORMAT TEXT) " if dialect == "postgresql" else "EXPLAIN QUERY PLAN "
+def explain(
+    engine: sa.Engine, dialect: str, statement: str, parameters: Any, *, analyze: bool = False
+) -> str:
+    """The plan of one statement, indented by depth; `analyze` runs it on PostgreSQL
+    (EXPLAIN ANALYZE, costs left out) and rolls it back."""
+    if dialect == "postgresql":
+        prefix = "EXPLAIN (ANALYZE, COSTS OFF) " if analyze else "EXPLAIN (FORMAT TEXT) "
+    else:
+        prefix = "EXPLAIN QUERY PLAN "
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()

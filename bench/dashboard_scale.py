@@ -71,6 +71,7 @@ import sqlalchemy as sa  # noqa: E402
 import structlog  # noqa: E402
 from flask.testing import FlaskClient  # noqa: E402
 
+from bench.connector_scale import explain  # noqa: E402
 from bench.throughput import state_database  # noqa: E402
 from pipeline import contract, policy  # noqa: E402
 from pipeline.audit import GENESIS, _entry_hash  # noqa: E402
@@ -846,27 +847,6 @@ def time_pages(
     return out
 
 
-def explain(engine: sa.Engine, statement: str, parameters: Any) -> str:
-    dialect = engine.dialect.name
-    prefix = "EXPLAIN (ANALYZE, COSTS OFF) " if dialect == "postgresql" else "EXPLAIN QUERY PLAN "
-    raw = engine.raw_connection()
-    try:
-        cur = raw.cursor()
-        cur.execute(prefix + statement, parameters)
-        rows = cur.fetchall()
-        raw.rollback()
-    finally:
-        raw.close()
-    if dialect == "postgresql":
-        return "\n".join(str(r[0]) for r in rows)
-    depth: dict[int, int] = {0: 0}
-    lines = []
-    for node, parent, _unused, detail in rows:
-        depth[node] = depth.get(parent, 0) + 1
-        lines.append("  " * (depth[node] - 1) + str(detail))
-    return "\n".join(lines)
-
-
 def plans(
     app: App, clients: dict[str, FlaskClient], pages: list[Page], meter: SqlMeter
 ) -> list[dict[str, str]]:
@@ -886,7 +866,7 @@ def plans(
         meter.capture = None
     out = []
     for statement, (page_name, parameters) in seen.items():
-        plan = explain(app.engine, statement, parameters)
+        plan = explain(app.engine, app.engine.dialect.name, statement, parameters, analyze=True)
         out.append({"page": page_name, "sql": " ".join(statement.split()), "plan": plan})
     return out
 
