@@ -47,10 +47,8 @@ def handle(app: App, actor: str, *args: Any) -> Any:
     """Run one message. Stage messages carry a list of ids (`pipeline.batch`); the intake
     message carries one document."""
     stage = HANDLERS[actor]
-    if actor == topology.INTAKE_ACTOR:
-        return stage(app, *args)
-    if actor in STORE_ACTORS:  # run a whole batch against the store at once
-        return stage(app, *args)
+    if actor == topology.INTAKE_ACTOR or actor in STORE_ACTORS:
+        return stage(app, *args)  # one document; a store task runs its whole batch at once
     first, *rest = args
     batch.for_each(app, first, lambda one: stage(app, one, *rest), shared=actor in SHARED)
     return None

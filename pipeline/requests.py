@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +24,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
+LOCKED = "locked_requests"  # session.info: ids a batch's shared transaction has locked
+
+
 def load(session: Session, request_id: str, *, lock: bool = True) -> RequestRow:
     """The request row, locked against concurrent stage commits on PostgreSQL (or
     already locked by the batch's shared transaction)."""
-    if request_id in session.info.get("locked_requests", ()):
+    if request_id in session.info.get(LOCKED, ()):
         locked = session.get(RequestRow, request_id)
         if locked is not None:
             return locked
@@ -38,6 +41,15 @@ def load(session: Session, request_id: str, *, lock: bool = True) -> RequestRow:
     if row is None:
         raise UnknownRequest(f"no request with id {request_id!r}")
     return row
+
+
+def lock_all(session: Session, request_ids: Sequence[str]) -> list[RequestRow]:
+    """The requests of a batch in one statement, locked on PostgreSQL in id order (batches
+    that overlap wait for each other, never deadlock). Unknown ids are left out."""
+    query = select(RequestRow).where(RequestRow.id.in_(request_ids)).order_by(RequestRow.id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return list(session.execute(query).scalars())
 
 
 def advance(

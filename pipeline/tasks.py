@@ -21,7 +21,7 @@ from connectors.base import Connector, ConnectorError, Identity
 from pipeline import audit
 from pipeline.db import RequestRow, StoreTaskRow, utcnow
 from pipeline.errors import RetryLater, StoreFailed, UnknownRequest
-from pipeline.requests import advance, identity_of
+from pipeline.requests import advance, identity_of, lock_all
 from pipeline.states import TRANSITIONS, State
 from pipeline.uow import UnitOfWork
 
@@ -120,17 +120,6 @@ def _fail(uow: UnitOfWork, request: RequestRow, task: StoreTaskRow, reason: str)
         )
 
 
-def run_store_task(
-    app: App,
-    request_id: str,
-    store: str,
-    phase: str,
-    work: Callable[[Connector, Identity, RequestRow], TaskOutcome],
-    on_all_done: Callable[[UnitOfWork, RequestRow], None],
-) -> None:
-    run_store_tasks(app, [request_id], store, phase, work, on_all_done)
-
-
 @dataclass
 class _Call:
     """One request's store call in a batch: what to call, then what came back."""
@@ -145,11 +134,7 @@ class _Call:
 
 
 def _by_id(uow: UnitOfWork, request_ids: Sequence[str]) -> dict[str, RequestRow]:
-    """The requests, locked on PostgreSQL in id order (no deadlock between batches)."""
-    query = select(RequestRow).where(RequestRow.id.in_(request_ids)).order_by(RequestRow.id)
-    if uow.session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    return {r.id: r for r in uow.session.execute(query).scalars()}
+    return {r.id: r for r in lock_all(uow.session, request_ids)}
 
 
 def _tasks(

@@ -8,12 +8,12 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import audit, outbox
 from pipeline.db import RequestRow
 from pipeline.outbox import Envelope
+from pipeline.requests import LOCKED, lock_all
 
 if TYPE_CHECKING:
     from pipeline.bootstrap import App
@@ -43,13 +43,9 @@ class Shared:
         self.requests: list[RequestRow] = []
 
     def lock_requests(self, request_ids: list[str]) -> None:
-        """Load and lock the batch's requests in one statement, in id order (batches that
-        overlap wait for each other, never deadlock); `requests.load` then finds them."""
-        query = select(RequestRow).where(RequestRow.id.in_(request_ids)).order_by(RequestRow.id)
-        if self.session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update()
-        self.requests = list(self.session.execute(query).scalars())  # held: the identity
-        # map keeps objects only while someone references them
+        """Load and lock the batch's requests at once; `requests.load` then finds them."""
+        # held: the identity map keeps objects only while someone references them
+        self.requests = lock_all(self.session, request_ids)
         self.session.info.setdefault(LOCKED, set()).update(r.id for r in self.requests)
 
     @contextmanager
@@ -68,7 +64,6 @@ class Shared:
         savepoint.commit()
 
 
-LOCKED = "locked_requests"
 _shared: ContextVar[Shared | None] = ContextVar("shared", default=None)
 
 
