@@ -22,8 +22,8 @@ import structlog
 
 from connectors.base import Capability, Connector, Correction, Identity, InvalidCorrection
 from pipeline import archive, audit, policy, topology
-from pipeline.batch import as_ids
 from pipeline.db import CaseRow, ExportRow, RequestRow, utcnow
+from pipeline.outbox import as_ids
 from pipeline.requests import advance, load, payload_of
 from pipeline.states import RequestType, State
 from pipeline.suppression import suppress

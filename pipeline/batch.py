@@ -24,20 +24,12 @@ import structlog
 
 from pipeline import uow
 from pipeline.errors import PermanentError, RetryLater
+from pipeline.outbox import as_ids
 
 if TYPE_CHECKING:
     from pipeline.bootstrap import App
 
 log = structlog.get_logger()
-
-
-def as_ids(ids: str | Sequence[str]) -> list[str]:
-    """A message's first argument: one id (older messages, the reconciler) or a list."""
-    if isinstance(ids, str):
-        return [ids]
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
-        raise PermanentError("the message's first argument must be an id or a list of ids")
-    return list(ids)
 
 
 def for_each(

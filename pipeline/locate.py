@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from connectors.base import Connector, Identity
 from pipeline import topology
-from pipeline.batch import as_ids
 from pipeline.db import RequestRow
+from pipeline.outbox import as_ids
 from pipeline.requests import advance, load
 from pipeline.states import State
 from pipeline.tasks import TaskOutcome, ensure_task, run_store_tasks

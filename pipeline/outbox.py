@@ -26,6 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import OutboxRow, transaction, utcnow
+from pipeline.errors import PermanentError
 
 log = structlog.get_logger()
 
@@ -115,7 +116,7 @@ def grouped(
         for start in range(0, len(members), limit):
             chunk = members[start : start + limit]
             first = chunk[0]
-            ids = [i for e in chunk for i in _ids(e.args[0])]
+            ids = [i for e in chunk for i in as_ids(e.args[0])]
             message = Envelope(
                 id=first.id,
                 actor=first.actor,
@@ -127,8 +128,14 @@ def grouped(
     return out
 
 
-def _ids(first: Any) -> list[str]:
-    return list(first) if isinstance(first, (list, tuple)) else [first]
+def as_ids(ids: str | Sequence[str]) -> list[str]:
+    """A stage message's first argument: one id (older messages, the reconciler) or a
+    list of them (`grouped`)."""
+    if isinstance(ids, str):
+        return [ids]
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
+        raise PermanentError("the message's first argument must be an id or a list of ids")
+    return list(ids)
 
 
 def publish(factory: sessionmaker[Session], bus: MessageBus, envelopes: Sequence[Envelope]) -> int:

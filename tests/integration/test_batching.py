@@ -56,11 +56,11 @@ def test_a_group_is_split_at_the_batch_limit_keeping_order():
 
 
 def test_a_message_may_carry_one_id_or_a_list_and_nothing_else():
-    assert batch.as_ids("r-1") == ["r-1"]
-    assert batch.as_ids(["r-1", "r-2"]) == ["r-1", "r-2"]
+    assert outbox.as_ids("r-1") == ["r-1"]
+    assert outbox.as_ids(["r-1", "r-2"]) == ["r-1", "r-2"]
     for bad in ({"id": "r-1"}, ["r-1", 2], 7):
         with pytest.raises(UnknownRequest.__mro__[1]):  # PermanentError
-            batch.as_ids(bad)  # type: ignore[arg-type]
+            outbox.as_ids(bad)  # type: ignore[arg-type]
 
 
 # -- the outbox rows ----------------------------------------------------------------------
