@@ -595,6 +595,7 @@ def run_real(
         exports = exports_report(real.app, real.url, access)
         plans = tp.hop_plans(batch, rows, probe.task_counts(), stores=1)
         messages = probe.messages()
+        batching = probe.batching()
         probe.close()
     # after the processes stopped: every log line and mail is in its file
     states = Counter(r.state for r in rows)
@@ -628,6 +629,7 @@ def run_real(
         ),
         "messages": sum(p.messages for p in plans.values()),
         "real_messages": messages,
+        "batching": batching,
         "per_request": requests,
     }
     if stacks is not None:
@@ -885,6 +887,10 @@ def print_report(result: dict[str, Any]) -> None:
         f"{e['erased_orders_expected']}), everyone else untouched: {not e['others_changed']}"
     )
     print(f"   worker log events: {real['worker_log']}; scheduler: {real['scheduler_log']}")
+    batching = ", ".join(
+        f"{actor} {b['ids_per_message']}" for actor, b in real.get("batching", {}).items()
+    )
+    print(f"   ids per broker message: {batching}")
     for problem in result["problems"]:
         print(f"   !! {problem}")
     if result.get("profile"):

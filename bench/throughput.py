@@ -74,7 +74,7 @@ from pipeline.handlers import handle  # noqa: E402
 from pipeline.intake import submit  # noqa: E402
 from pipeline.mailsink import MailSink  # noqa: E402
 from pipeline.migrate import upgrade  # noqa: E402
-from pipeline.outbox import Envelope  # noqa: E402
+from pipeline.outbox import BATCH_MAX, Envelope  # noqa: E402
 from pipeline.services import redis_answers  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
 from pipeline.stack import LocalStack  # noqa: E402
@@ -366,6 +366,27 @@ class StateProbe:
                 sa.select(sa.func.count()).where(NotificationRow.request_id.like(self.like))
             )
         return {"stage": int(outbox[0]), "stage_publishes": int(outbox[1]), "mail": int(mails or 0)}
+
+    def batching(self) -> dict[str, dict[str, float]]:
+        """How many ids each broker message carried, per actor: the rows one publish
+        marked together share their `published_at`, and a publish sends one message per
+        actor (up to `outbox.BATCH_MAX` ids)."""
+        with self.sessions() as s:
+            rows = s.execute(
+                sa.select(OutboxRow.actor, OutboxRow.published_at, sa.func.count())
+                .where(OutboxRow.key.like(self.like), OutboxRow.published_at.is_not(None))
+                .group_by(OutboxRow.actor, OutboxRow.published_at)
+            ).all()
+        out: dict[str, dict[str, float]] = {}
+        for actor in sorted({r[0] for r in rows}):
+            sizes = [n for a, _at, n in rows if a == actor]
+            messages = sum(-(-n // BATCH_MAX) for n in sizes)
+            out[actor] = {
+                "ids": sum(sizes),
+                "messages": messages,
+                "ids_per_message": round(sum(sizes) / messages, 1),
+            }
+        return out
 
     def close(self) -> None:
         self.engine.dispose()

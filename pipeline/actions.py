@@ -19,10 +19,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from sqlalchemy import select
 
 from connectors.base import Capability, Connector, Correction, Identity, InvalidCorrection
-from pipeline import archive, audit, policy, topology
+from pipeline import archive, audit, batch, policy, topology
 from pipeline.db import CaseRow, ExportRow, RequestRow, utcnow
+from pipeline.errors import PermanentError, RetryLater
 from pipeline.outbox import as_ids
 from pipeline.requests import advance, load, payload_of
 from pipeline.states import RequestType, State
@@ -212,8 +214,34 @@ def recheck_store(app: App, request_ids: str | Sequence[str], store: str) -> Non
     run_store_tasks(app, as_ids(request_ids), store, "recheck", _recheck, _all_rechecked)
 
 
-def finish_request(app: App, request_id: str) -> None:
-    """After every store acted: assemble, verify, or just move on to notify."""
+def finish_request(app: App, request_ids: str | Sequence[str]) -> None:
+    """After every store acted: assemble, verify, or just move on to notify; for a batch
+    of requests at once. What needs only the state database runs in one transaction for
+    the batch; the access requests' archives are then built outside any transaction, and
+    recorded together in one more."""
+    ids = as_ids(request_ids)
+    archives: dict[str, list[str]] = {}
+    failed: RetryLater | PermanentError | None = None
+    try:
+        batch.for_each(app, ids, lambda one: _finish(app, one, archives), shared=True)
+    except (RetryLater, PermanentError) as exc:
+        failed = exc  # the others go on; raised once they are done
+    if archives:
+        meta = {name: c.metadata for name, c in app.connectors.items()}
+        built = {
+            request_id: (archive.assemble(app, request_id, parts, meta), len(parts))
+            for request_id, parts in archives.items()
+        }
+        batch.for_each(
+            app, list(built), lambda one: _record_export(app, one, *built[one]), shared=True
+        )
+    if failed is not None:
+        raise failed
+
+
+def _finish(app: App, request_id: str, archives: dict[str, list[str]]) -> None:
+    """One request's finish, but for building its archive: that is left in `archives`
+    (the stores whose parts go in), to be built outside the transaction."""
     with UnitOfWork(app) as uow:
         request = load(uow.session, request_id)
         if request.state != State.ACTING.value:
@@ -225,41 +253,43 @@ def finish_request(app: App, request_id: str) -> None:
         if kind is not RequestType.ACCESS:
             _to_notify(uow, request, f"every store has acted on the {kind.value} request")
             return
-        parts = [t.store for t in tasks_of(uow, request_id, "act") if t.status == "done"]
-        has_export = uow.session.query(ExportRow).filter_by(request_id=request_id).first()
-    if has_export is None:
-        meta = {name: c.metadata for name, c in app.connectors.items()}
-        built = archive.assemble(app, request_id, parts, meta)
-        with UnitOfWork(app) as uow:
-            request = load(uow.session, request_id)
-            if request.state != State.ACTING.value:
-                return
-            if uow.session.query(ExportRow).filter_by(request_id=request_id).first() is None:
-                now = utcnow()
-                uow.session.add(
-                    ExportRow(
-                        id=str(uuid.uuid4()),
-                        request_id=request_id,
-                        path=str(built.path),
-                        size=built.size,
-                        sha256=built.sha256,
-                        created_at=now,
-                        expires_at=now + timedelta(seconds=app.settings.download_ttl_seconds),
-                    )
-                )
-                audit.record(
-                    uow.session,
-                    "export_created",
-                    request_id=request_id,
-                    size=built.size,
-                    stores=len(parts),
-                )
+        if _has_export(uow, request_id):
             _to_notify(uow, request, "the export archive is ready")
-        return
+            return
+        archives[request_id] = [
+            t.store for t in tasks_of(uow, request_id, "act") if t.status == "done"
+        ]
+
+
+def _has_export(uow: UnitOfWork, request_id: str) -> bool:
+    found = uow.session.execute(
+        select(ExportRow.id).where(ExportRow.request_id == request_id).limit(1)
+    ).first()
+    return found is not None
+
+
+def _record_export(app: App, request_id: str, built: archive.BuiltArchive, stores: int) -> None:
     with UnitOfWork(app) as uow:
         request = load(uow.session, request_id)
-        if request.state == State.ACTING.value:
-            _to_notify(uow, request, "the export archive is ready")
+        if request.state != State.ACTING.value:
+            return
+        if not _has_export(uow, request_id):
+            now = utcnow()
+            uow.session.add(
+                ExportRow(
+                    id=str(uuid.uuid4()),
+                    request_id=request_id,
+                    path=str(built.path),
+                    size=built.size,
+                    sha256=built.sha256,
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=app.settings.download_ttl_seconds),
+                )
+            )
+            audit.record(
+                uow.session, "export_created", request_id=request_id, size=built.size, stores=stores
+            )
+        _to_notify(uow, request, "the export archive is ready")
 
 
 def _finish_erasure(app: App, uow: UnitOfWork, request: RequestRow) -> None:

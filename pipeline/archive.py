@@ -8,6 +8,7 @@ held whole in memory or written in clear to disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -77,9 +78,13 @@ class BuiltArchive:
     sha256: str
 
 
+@functools.cache
 def _env() -> Environment:
+    """One environment per process: it compiles each template once, not per archive."""
     return Environment(
-        loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"])
+        loader=PackageLoader("pipeline", "templates"),
+        autoescape=select_autoescape(["html"]),
+        auto_reload=False,
     )
 
 

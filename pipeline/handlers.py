@@ -33,6 +33,11 @@ STORE_ACTORS = {
     topology.RECHECK_STORE_ACTOR,
 }
 
+# stages that run a message's whole batch at once themselves, set-based: the store tasks,
+# finishing (the archives built between two shared transactions) and the sending of
+# emails (one claim and one record for all of them)
+WHOLE_BATCH = STORE_ACTORS | {topology.FINISH_ACTOR, topology.SEND_EMAIL_ACTOR}
+
 # stages whose step is one short unit of work on the state database alone: a batch of
 # them runs in one transaction (`batch.for_each(shared=True)`)
 SHARED = {
@@ -42,13 +47,23 @@ SHARED = {
     topology.NOTIFY_ACTOR,
 }
 
+# shared stages that also take on the requests waiting for them (`batch.Peers`): the
+# first stage after intake, so the groups it forms travel together through the rest
+PEERS: dict[str, batch.Peers] = {topology.VERIFY_ACTOR: verification.waiting}
+
 
 def handle(app: App, actor: str, *args: Any) -> Any:
     """Run one message. Stage messages carry a list of ids (`pipeline.batch`); the intake
     message carries one document."""
     stage = HANDLERS[actor]
-    if actor == topology.INTAKE_ACTOR or actor in STORE_ACTORS:
-        return stage(app, *args)  # one document; a store task runs its whole batch at once
+    if actor == topology.INTAKE_ACTOR or actor in WHOLE_BATCH:
+        return stage(app, *args)  # one document; or the whole batch at once
     first, *rest = args
-    batch.for_each(app, first, lambda one: stage(app, one, *rest), shared=actor in SHARED)
+    batch.for_each(
+        app,
+        first,
+        lambda one: stage(app, one, *rest),
+        shared=actor in SHARED,
+        peers=PEERS.get(actor),
+    )
     return None

@@ -37,10 +37,17 @@ class Templates:
     def __init__(self) -> None:
         loader = PackageLoader("pipeline", "templates")
         self._text = Environment(
-            loader=loader, autoescape=False, undefined=StrictUndefined, keep_trailing_newline=True
+            loader=loader,
+            autoescape=False,
+            undefined=StrictUndefined,
+            keep_trailing_newline=True,
+            auto_reload=False,  # templates ship with the code: no stat per mail
         )
         self._html = Environment(
-            loader=loader, autoescape=select_autoescape(["html"]), undefined=StrictUndefined
+            loader=loader,
+            autoescape=select_autoescape(["html"]),
+            undefined=StrictUndefined,
+            auto_reload=False,
         )
 
     def render(self, name: str, context: dict[str, Any]) -> RenderedMail:

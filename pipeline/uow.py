@@ -44,9 +44,13 @@ class Shared:
 
     def lock_requests(self, request_ids: list[str]) -> None:
         """Load and lock the batch's requests at once; `requests.load` then finds them."""
+        self.hold(lock_all(self.session, request_ids))
+
+    def hold(self, rows: list[RequestRow]) -> None:
+        """Rows this transaction has locked: `requests.load` finds them without a query."""
         # held: the identity map keeps objects only while someone references them
-        self.requests = lock_all(self.session, request_ids)
-        self.session.info.setdefault(LOCKED, set()).update(r.id for r in self.requests)
+        self.requests.extend(rows)
+        self.session.info.setdefault(LOCKED, set()).update(r.id for r in rows)
 
     @contextmanager
     def step(self) -> Iterator[None]:

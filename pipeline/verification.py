@@ -27,7 +27,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import select, text
+from sqlalchemy import or_, select, text
+from sqlalchemy.orm import Session
 
 from pipeline import audit, topology
 from pipeline.crypto import BadSignature, Expired
@@ -66,6 +67,29 @@ def send_on(uow: UnitOfWork, request: RequestRow) -> None:
         uow.send(f"{request.id}:locate", topology.LOCATE_ACTOR, topology.LOCATE_QUEUE, request.id)
     else:
         uow.send(f"{request.id}:act", topology.ACT_ACTOR, topology.ACT_QUEUE, request.id)
+
+
+def waiting(session: Session, exclude: list[str], limit: int) -> list[RequestRow]:
+    """Received requests that verification moves on without anyone's action (a signed
+    assertion proved the identity, or the type needs no proof), oldest first, locked;
+    rows another transaction holds are skipped, never waited for. A batch takes them on
+    (`batch.Peers`) before their own messages arrive."""
+    query = (
+        select(RequestRow)
+        .where(
+            RequestRow.state == State.RECEIVED.value,
+            or_(
+                RequestRow.verified_by.is_not(None),
+                RequestRow.type.in_([t.value for t in RequestType if not needs_verification(t)]),
+            ),
+            RequestRow.id.not_in(exclude),
+        )
+        .order_by(RequestRow.received_at)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.execute(query).scalars())
 
 
 def start(app: App, request_id: str, *, now: datetime | None = None) -> None:

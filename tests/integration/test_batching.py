@@ -12,14 +12,14 @@ import pytest
 from sqlalchemy import func, select
 
 from pipeline import batch, outbox, topology, uow
-from pipeline.db import OutboxRow
+from pipeline.db import OutboxRow, RequestRow, TransitionRow
 from pipeline.errors import UnknownRequest
 from pipeline.intake import accept
 from pipeline.outbox import Envelope, Publisher
 from pipeline.tasks import StoreRetry
 from pipeline.uow import UnitOfWork
-from tests.conftest import InlineBus, make_app
-from tests.integration.support import QuietBus, presigned, request_row, stores
+from tests.conftest import InlineBus, make_app, state_database
+from tests.integration.support import QuietBus, document, presigned, request_row, stores
 
 
 def envelope(n: int, actor: str = topology.LOCATE_ACTOR, *extra: str) -> Envelope:
@@ -287,7 +287,7 @@ def test_one_store_call_of_a_batch_failing_retries_only_that_request(app):
 
 def test_in_a_shared_batch_a_step_that_fails_half_way_is_undone_alone(app):
     from pipeline import audit
-    from pipeline.db import AuditRow, TransitionRow
+    from pipeline.db import AuditRow
     from pipeline.errors import InvalidTransition
     from pipeline.requests import advance, load
     from pipeline.states import State
@@ -359,6 +359,92 @@ def test_a_shared_batch_locks_its_requests_once_and_commits_once(app):
             )
             == 4
         )
-    assert statements.count("SAVEPOINT") == 4
+    # the steps ran side by side: no savepoint each, and the four requests' new states
+    # went out as one UPDATE (executemany) at the commit; the other UPDATE marks the
+    # outbox rows published
+    assert statements.count("SAVEPOINT") == 0
+    assert statements.count("UPDATE") == 2
     selects_of_requests = [s for s in statements if s == "SELECT"]
     assert len(selects_of_requests) < 4 * 2  # far fewer than a transaction per request
+
+
+# -- peers: a stage takes on the requests waiting for it ----------------------------------
+
+
+def test_a_verify_message_takes_on_the_requests_waiting_for_it_oldest_first(app):
+    from pipeline import handlers
+
+    for n in range(4):
+        accept(app, presigned(app, "access", f"r-{n}"))  # proven by a signed assertion
+    accept(app, document("access", "r-4"))  # must confirm a mailed link first
+    accept(app, document("opt_out", "r-5"))  # needs no proof
+    app.bus.queue.clear()
+
+    handlers.handle(app, topology.VERIFY_ACTOR, ["r-2"])
+
+    states = {f"r-{n}": request_row(app, f"r-{n}").state for n in range(6)}
+    assert states == {
+        "r-0": "verified",
+        "r-1": "verified",
+        "r-2": "verified",
+        "r-3": "verified",
+        "r-4": "received",  # waits for the person: nobody takes it on
+        "r-5": "verified",
+    }
+    # the message's own id first, then the others oldest first, moving on together
+    (locate,) = [e for e in app.bus.queue if e.actor == topology.LOCATE_ACTOR]
+    assert locate.args == (["r-2", "r-0", "r-1", "r-3", "r-5"],)
+
+    # their own messages come later and find the step done
+    app.bus.queue.clear()
+    handlers.handle(app, topology.VERIFY_ACTOR, ["r-0", "r-1", "r-3", "r-5"])
+    assert not [e for e in app.bus.queue if e.actor == topology.LOCATE_ACTOR]
+    with app.sessions() as session:
+        moved = session.scalars(
+            select(TransitionRow.request_id).where(TransitionRow.to_state == "verified")
+        ).all()
+    assert sorted(moved) == ["r-0", "r-1", "r-2", "r-3", "r-5"]  # once each
+
+
+def test_peers_fill_a_message_up_to_the_batch_limit(app, monkeypatch):
+    from pipeline import handlers
+
+    monkeypatch.setattr(batch, "BATCH_MAX", 3)
+    for n in range(5):
+        accept(app, presigned(app, "opt_out", f"r-{n}"))
+    app.bus.queue.clear()
+    handlers.handle(app, topology.VERIFY_ACTOR, ["r-4"])
+    assert [request_row(app, f"r-{n}").state for n in range(5)] == [
+        "verified",
+        "verified",
+        "received",
+        "received",
+        "verified",
+    ]
+
+
+def test_a_peer_another_transaction_holds_is_skipped_not_waited_for(tmp_path):
+    """PostgreSQL's row locks (SQLite runs one writing transaction at a time)."""
+    from pipeline import handlers
+
+    with state_database("postgresql", tmp_path) as url:
+        app = make_app(url, tmp_path / "data", bus=QuietBus(), connectors=stores())
+        try:
+            _skipped_while_held(app, handlers)
+        finally:
+            app.close()
+
+
+def _skipped_while_held(app, handlers):
+    for n in range(3):
+        accept(app, presigned(app, "opt_out", f"r-{n}"))
+    with app.sessions() as other:
+        other.execute(
+            select(RequestRow).where(RequestRow.id == "r-1").with_for_update()
+        ).scalar_one()
+        handlers.handle(app, topology.VERIFY_ACTOR, ["r-0"])  # does not block on r-1
+        assert request_row(app, "r-1").state == "received"
+        assert request_row(app, "r-2").state == "verified"
+        other.rollback()
+    handlers.handle(app, topology.VERIFY_ACTOR, ["r-1"])
+    assert request_row(app, "r-1").state == "verified"

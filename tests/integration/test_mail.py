@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import socket
 import threading
+from datetime import timedelta
 from email import message_from_bytes, policy
 from importlib import resources
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
+from structlog.testing import capture_logs
 
-from pipeline import notify
-from pipeline.db import AuditRow, NotificationRow
-from pipeline.errors import MailUnavailable
+from pipeline import audit, handlers, notify, topology
+from pipeline.db import AuditRow, NotificationRow, utcnow
+from pipeline.errors import MailUnavailable, UnknownRequest
 from pipeline.intake import accept
 from pipeline.mail import Mailer, RenderedMail, Templates
 from pipeline.mailsink import MailSink, read_messages
@@ -274,6 +276,265 @@ def test_a_queued_email_that_cannot_be_sent_stays_pending_with_the_error(state_u
             assert EMAIL not in row.last_error
     finally:
         app.close()
+
+
+# -- a batch of emails: the send_email message carries a list of ids ---------------------
+
+
+def queued_emails(app, count: int) -> list[NotificationRow]:
+    """One acknowledgement email queued per accepted request."""
+    for n in range(count):
+        accept(app, document("access", f"r-{n}"))
+    return notifications(app)
+
+
+def send_batch(app, ids: list[str]) -> None:
+    handlers.handle(app, topology.SEND_EMAIL_ACTOR, ids)
+
+
+def statements_of(app, run) -> list[str]:
+    seen: list[str] = []
+
+    def count(conn, cursor, statement, *rest):
+        seen.append(statement)
+
+    event.listen(app.engine, "before_cursor_execute", count)
+    try:
+        run()
+    finally:
+        event.remove(app.engine, "before_cursor_execute", count)
+    return seen
+
+
+def kinds(statements: list[str]) -> list[str]:
+    """Each statement's first word, the audit entries' INSERTs aside."""
+    return [s.split()[0] for s in statements if not s.startswith("INSERT INTO audit_events")]
+
+
+def audit_inserts(statements: list[str]) -> int:
+    return sum(s.startswith("INSERT INTO audit_events") for s in statements)
+
+
+def received(sink) -> list[str]:
+    return sorted(m["Message-ID"] for m in sink.messages())
+
+
+def audited_as_sent(app) -> list[str]:
+    with app.sessions() as session:
+        entries = session.scalars(select(AuditRow).where(AuditRow.action == "email_sent"))
+        sent = sorted(e.detail["notification_id"] for e in entries)
+        assert audit.verify_chain(session).intact
+    return sent
+
+
+def rows(app, notes) -> dict[str, tuple[str, int]]:
+    with app.sessions() as session:
+        found = [session.get(NotificationRow, n.id) for n in notes]
+        return {r.id: (r.status, r.attempts) for r in found}
+
+
+@pytest.fixture
+def mail_app(state_url, tmp_path, sink):
+    app = make_app(state_url, tmp_path / "data", bus=QuietBus(), smtp_port=sink.port)
+    yield app
+    app.close()
+
+
+def test_a_batch_of_emails_goes_out_once_each_for_the_same_statements_however_large(mail_app, sink):
+    app = mail_app
+    notes = queued_emails(app, 12)
+    ids = [n.id for n in notes]
+    small = statements_of(app, lambda: send_batch(app, ids[:2]))
+    large = statements_of(app, lambda: send_batch(app, ids[2:]))
+    # the claim (SELECT, UPDATE) and the record (SELECT, UPDATE, the audit chain's lock
+    # and head), with a BEGIN IMMEDIATE each on SQLite: the same for 2 mails as for 10
+    assert kinds(small) == kinds(large)
+    assert len(kinds(large)) <= 7, large
+    # the audit entries: one INSERT on PostgreSQL; one each on SQLite, where the ORM
+    # cannot batch the INSERT .. RETURNING of pipeline/audit.py
+    postgresql = app.engine.dialect.name == "postgresql"
+    assert audit_inserts(small) == (1 if postgresql else 2)
+    assert audit_inserts(large) == (1 if postgresql else 10)
+    assert received(sink) == sorted(n.message_id for n in notes)
+    assert set(rows(app, notes).values()) == {("sent", 1)}
+    with app.sessions() as session:
+        for note in notes:
+            row = session.get(NotificationRow, note.id)
+            assert row.claimed_until is None and row.sent_at is not None
+    assert audited_as_sent(app) == sorted(ids)
+
+
+def test_a_batch_holds_each_mail_long_enough_for_every_mail_before_it_to_be_sent(
+    mail_app, sink, monkeypatch
+):
+    app = mail_app
+    notes = queued_emails(app, 3)
+    leases = []
+    send = app.mailer.send
+
+    def looking(message):
+        with app.sessions() as session:
+            for note in notes:
+                row = session.get(NotificationRow, note.id)
+                leases.append((row.status, row.claimed_until - row.updated_at))
+        send(message)
+
+    monkeypatch.setattr(app.mailer, "send", looking)
+    send_batch(app, [n.id for n in notes])
+    # claimed together, before the first mail: the last one waits for the other two
+    assert leases[:3] == [("sending", 3 * notify._lease(app))] * 3
+    assert len(received(sink)) == 3
+
+
+def test_a_long_batch_records_what_went_out_every_few_mails_and_renews_the_rest(
+    mail_app, sink, monkeypatch
+):
+    app = mail_app
+    monkeypatch.setattr(notify, "RECORD_EVERY", 2)
+    notes = queued_emails(app, 5)
+    seen = []
+    send = app.mailer.send
+
+    def looking(message):
+        with app.sessions() as session:
+            seen.append([session.get(NotificationRow, n.id).status for n in notes])
+        send(message)
+
+    monkeypatch.setattr(app.mailer, "send", looking)
+    send_batch(app, [n.id for n in notes])
+    # recorded two by two: a crash while the third mail goes out would send only the
+    # third and fourth again
+    assert [statuses.count("sent") for statuses in seen] == [0, 0, 2, 2, 4]
+    assert all(statuses.count("sending") == 5 - statuses.count("sent") for statuses in seen)
+    with app.sessions() as session:
+        assert {session.get(NotificationRow, n.id).status for n in notes} == {"sent"}
+    assert audited_as_sent(app) == sorted(n.id for n in notes)
+    assert len(received(sink)) == 5
+
+
+def test_a_mail_refused_in_a_batch_is_put_back_and_retried_after_the_others_are_recorded(
+    mail_app, sink, monkeypatch
+):
+    app = mail_app
+    first, busy, last = queued_emails(app, 3)
+    refuse = {busy.message_id}
+    send = app.mailer.send
+
+    def refusing_one(message):
+        # the real server refuses this one mail only (a busy mailbox), the others arrive
+        sink.set_fault("refuse" if message["Message-ID"] in refuse else "none")
+        send(message)
+
+    monkeypatch.setattr(app.mailer, "send", refusing_one)
+    batch = [first.id, busy.id, "n-missing", last.id]
+    with pytest.raises(notify.MailRetry) as retry:  # a retry wins over the unknown id
+        send_batch(app, batch)
+    assert retry.value.delay_ms == app.settings.retry_base_ms
+    assert isinstance(retry.value.__cause__, MailUnavailable)
+    assert received(sink) == sorted([first.message_id, last.message_id])
+    assert rows(app, [first, busy, last]) == {
+        first.id: ("sent", 1),
+        busy.id: ("pending", 1),
+        last.id: ("sent", 1),
+    }
+    with app.sessions() as session:
+        row = session.get(NotificationRow, busy.id)
+        assert row.claimed_until is None and "refused or did not answer" in row.last_error
+        assert EMAIL not in row.last_error
+    assert audited_as_sent(app) == sorted([first.id, last.id])
+
+    refuse.clear()  # the retry: only the refused mail is left, then the unknown id fails
+    with pytest.raises(UnknownRequest, match="n-missing"):
+        send_batch(app, batch)
+    assert received(sink) == sorted(n.message_id for n in (first, busy, last))
+    assert rows(app, [busy])[busy.id] == ("sent", 2)
+    assert audited_as_sent(app) == sorted([first.id, busy.id, last.id])
+
+
+def test_an_unknown_id_in_a_batch_of_emails_holds_back_nobody_and_fails_the_message_after(
+    mail_app, sink
+):
+    app = mail_app
+    notes = queued_emails(app, 2)
+    with capture_logs() as logs, pytest.raises(UnknownRequest, match="n-missing"):
+        send_batch(app, ["n-missing", *(n.id for n in notes)])
+    assert received(sink) == sorted(n.message_id for n in notes)
+    assert set(rows(app, notes).values()) == {("sent", 1)}
+    assert audited_as_sent(app) == sorted(n.id for n in notes)
+    (failed,) = [e for e in logs if e["event"] == "batch_item_failed"]
+    assert failed["error"] == "UnknownRequest"
+
+
+def test_a_batch_of_emails_redelivered_sends_nothing_twice(mail_app, sink):
+    app = mail_app
+    notes = queued_emails(app, 3)
+    ids = [n.id for n in notes]
+    with capture_logs() as logs:
+        send_batch(app, ids)
+        send_batch(app, ids)  # redelivered
+        send_batch(app, [ids[2], ids[0], ids[2]])  # overlapping, in another order
+        notify.send_email(app, ids[1])  # a reconciler nudge names one id
+    assert received(sink) == sorted(n.message_id for n in notes)
+    assert set(rows(app, notes).values()) == {("sent", 1)}
+    assert audited_as_sent(app) == sorted(ids)
+    sent = [e for e in logs if e["event"] == "email_sent"]
+    assert sorted((e["request_id"], e["mail_event"], e["notification_id"]) for e in sent) == sorted(
+        (n.request_id, n.event, n.id) for n in notes
+    )
+    assert sum(e["event"] == "email_already_sent" for e in logs) == 3 + 2 + 1
+
+
+def test_a_mail_another_sender_holds_is_left_to_it_until_its_lease_runs_out(mail_app, sink):
+    app = mail_app
+    held, free = queued_emails(app, 2)
+
+    def lease(until):
+        with app.sessions() as session, session.begin():
+            row = session.get(NotificationRow, held.id)
+            row.status, row.claimed_until = "sending", until
+
+    lease(utcnow() + timedelta(minutes=5))
+    with capture_logs() as logs:
+        send_batch(app, [held.id, free.id])
+    assert received(sink) == [free.message_id]
+    assert rows(app, [held])[held.id] == ("sending", 0)
+    assert [e["notification_id"] for e in logs if e["event"] == "email_being_sent"] == [held.id]
+
+    lease(utcnow() - timedelta(seconds=1))  # that sender died mid-send: its lease ran out
+    send_batch(app, [held.id, free.id])
+    assert received(sink) == sorted([held.message_id, free.message_id])
+    assert audited_as_sent(app) == sorted([held.id, free.id])
+
+
+class Interrupted(BaseException):
+    """What dramatiq raises in a worker thread past the time limit, or at shutdown."""
+
+
+def test_a_batch_interrupted_mid_send_records_what_went_out_and_keeps_the_rest_leased(
+    mail_app, sink, monkeypatch
+):
+    app = mail_app
+    notes = queued_emails(app, 3)
+    ids = [n.id for n in notes]
+    sent = []
+    send = app.mailer.send
+
+    def interrupted_at_the_second(message):
+        if sent:
+            raise Interrupted
+        send(message)
+        sent.append(message["Message-ID"])
+
+    monkeypatch.setattr(app.mailer, "send", interrupted_at_the_second)
+    with pytest.raises(Interrupted):
+        send_batch(app, ids)
+    (out,) = [n for n in notes if n.message_id in sent]
+    assert received(sink) == [out.message_id]
+    assert audited_as_sent(app) == [out.id]
+    states = rows(app, notes)
+    assert states.pop(out.id) == ("sent", 1)
+    # the others may or may not have left: their lease keeps them from a second sender
+    assert set(states.values()) == {("sending", 1)}
 
 
 def test_a_thread_sends_its_mails_over_one_connection(sink):
