@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.db import AuditRow, utcnow
@@ -86,26 +86,30 @@ def _chain_pending(session: Session) -> None:
     if not pending:
         return
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_CHAIN_LOCK})
-    head = session.execute(select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)).scalar()
-    prev = head or GENESIS
+        session.execute(_LOCK, {"k": _PG_CHAIN_LOCK})
+    prev = session.execute(_HEAD).scalar() or GENESIS
     rows = []
     for e in pending:
         digest = _entry_hash(prev, e.at, e.actor, e.action, e.request_id, e.detail)
         rows.append(
-            AuditRow(
-                at=e.at,
-                actor=e.actor,
-                action=e.action,
-                request_id=e.request_id,
-                detail=e.detail,
-                prev_hash=prev,
-                hash=digest,
-            )
+            {
+                "at": e.at,
+                "actor": e.actor,
+                "action": e.action,
+                "request_id": e.request_id,
+                "detail": e.detail,
+                "prev_hash": prev,
+                "hash": digest,
+            }
         )
         prev = digest
-    session.add_all(rows)
-    session.flush()
+    session.execute(_INSERT, rows)  # in order: the ids follow the chain
+
+
+# built once: a statement object caches its compiled form
+_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_HEAD = select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)
+_INSERT = insert(AuditRow)
 
 
 def pending(session: Session) -> list[_Entry]:

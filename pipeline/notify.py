@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from email.message import EmailMessage
+from email.message import Message
 from typing import TYPE_CHECKING, Any, TypeVarTuple
 
 import structlog
@@ -147,7 +147,7 @@ class _Outgoing:
     request_id: str
     event: str
     attempt: int
-    message: EmailMessage
+    message: Message
 
 
 def _in_id_order(session: Session, query: Select[*_Columns]) -> Select[*_Columns]:

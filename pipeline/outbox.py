@@ -9,6 +9,7 @@ happened (a crash between commit and enqueue).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -70,8 +71,6 @@ def add_all(session: Session, wanted: Sequence[Wanted]) -> list[Envelope]:
     unique = list({w.key: w for w in wanted}.values())
     if not unique:
         return []
-    dialect = session.get_bind().dialect.name
-    insert: Any = pg_insert if dialect == "postgresql" else sqlite_insert
     now = utcnow()
     rows: list[dict[str, Any]] = [
         {
@@ -85,18 +84,24 @@ def add_all(session: Session, wanted: Sequence[Wanted]) -> list[Envelope]:
         }
         for w in unique
     ]
-    statement = (
-        insert(OutboxRow)
-        .values(rows)
-        .on_conflict_do_nothing(index_elements=[OutboxRow.key])
-        .returning(OutboxRow.key)
-    )
-    inserted = set(session.execute(statement).scalars())
+    # one statement whatever the number of rows (sent as multi-row VALUES): compiled once
+    # per process, not once per batch size
+    inserted = set(session.execute(_insert_new(session.get_bind().dialect.name), rows).scalars())
     return [
         Envelope(id=r["id"], actor=r["actor"], queue=r["queue"], args=tuple(r["args"]))
         for r in rows
         if r["key"] in inserted
     ]
+
+
+@functools.cache
+def _insert_new(dialect: str) -> Any:
+    insert: Any = pg_insert if dialect == "postgresql" else sqlite_insert
+    return (
+        insert(OutboxRow)
+        .on_conflict_do_nothing(index_elements=[OutboxRow.key])
+        .returning(OutboxRow.key)
+    )
 
 
 BATCH_MAX = 50  # ids per message
