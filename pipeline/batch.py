@@ -24,9 +24,10 @@ message in the dead letters with its reason once nothing in it is left to retry.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import structlog
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from pipeline.db import RequestRow
 
 log = structlog.get_logger()
+T = TypeVar("T")
+R = TypeVar("R")
 
 # (session, the message's ids, how many more) -> requests waiting for the same step,
 # locked for this transaction; never waits for a lock
@@ -146,3 +149,65 @@ def _shared(
                 failures.run(step, request_id, around=scope.step)
             else:
                 failures.run(step, request_id, undo=True)
+
+
+class GroupCommit(Generic[T, R]):
+    """Calls from several threads at once, run as one call on the list of their items:
+    a group commit. The first caller to find nobody running leads: it takes the items
+    waiting (its own first, up to `limit`), runs them together, hands each caller its
+    result, and steps down; callers that came meanwhile wait, and the next of them leads
+    the next group. Alone, a caller runs its item at once, waiting for nothing.
+
+    `run` returns one result per item, in order: a value, or an exception that the item's
+    caller raises. An exception out of `run` itself fails the whole group.
+    """
+
+    def __init__(self, run: Callable[[list[T]], list[R | Exception]], *, limit: int) -> None:
+        self._run = run
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._waiting: list[_Slot[T, R]] = []
+        self._busy = False
+
+    def submit(self, item: T) -> R:
+        slot: _Slot[T, R] = _Slot(item)
+        with self._cond:
+            self._waiting.append(slot)
+            while self._busy and not slot.done:
+                self._cond.wait()
+            if not slot.done:
+                self._busy = True
+                self._waiting.remove(slot)
+                group = [slot, *self._waiting[: self.limit - 1]]
+                del self._waiting[: self.limit - 1]
+        if not slot.done:
+            self._lead(group)
+        return slot.outcome()
+
+    def _lead(self, group: list[_Slot[T, R]]) -> None:
+        results: list[R | Exception] = []
+        try:
+            results = self._run([s.item for s in group])
+        except Exception as exc:  # the group's transaction failed: every caller hears it
+            results = [exc] * len(group)
+        except BaseException:  # the leader is interrupted (a time limit): the others retry
+            results = [RuntimeError("the thread running this group was interrupted")] * len(group)
+            raise
+        finally:  # results and the next leader at once: a member never leads again
+            with self._cond:
+                for s, result in zip(group, results, strict=True):
+                    s.result, s.done = result, True
+                self._busy = False
+                self._cond.notify_all()
+
+
+class _Slot(Generic[T, R]):
+    def __init__(self, item: T) -> None:
+        self.item = item
+        self.done = False
+        self.result: R | Exception | None = None
+
+    def outcome(self) -> R:
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result  # type: ignore[return-value]

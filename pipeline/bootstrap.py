@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from connectors.base import Connector
+    from pipeline.batch import GroupCommit
     from pipeline.mail import Mailer
 
 log = structlog.get_logger()
@@ -212,6 +213,12 @@ class App:
         from connectors.registry import load_connectors
 
         return load_connectors(self.settings.stores_config, self.settings.data_dir)
+
+    @cached_property
+    def intake_group(self) -> GroupCommit[Any, Any]:
+        from pipeline.intake import group_commit
+
+        return group_commit(self)
 
     @cached_property
     def mailer(self) -> Mailer:

@@ -19,11 +19,11 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from pipeline import audit, contract, policy, topology
+from pipeline import audit, batch, contract, policy, topology
 from pipeline.contract import IntakeDocument
 from pipeline.db import RejectionRow, RequestRow, TransitionRow, transaction
 from pipeline.errors import ConflictingRequest, InvalidRequest
-from pipeline.outbox import Envelope, MessageBus
+from pipeline.outbox import BATCH_MAX, Envelope, MessageBus
 from pipeline.requests import iso, notify_person
 from pipeline.states import TERMINAL, State, needs_verification
 from pipeline.uow import UnitOfWork
@@ -88,107 +88,160 @@ def accept(app: App, raw: Any, *, now: datetime | None = None) -> IntakeResult:
         "document", hashlib.sha256(contract.content_fingerprint(doc.raw)).hexdigest()
     )
     try:
-        return _store(app, doc, fingerprint, verified_by, now)
-    except IntegrityError:
-        # a concurrent delivery of the same id committed first: judge it as a resubmission
-        return _store(app, doc, fingerprint, verified_by, now)
+        return app.intake_group.submit(_Valid(doc, fingerprint, verified_by, now))
     except ConflictingRequest as exc:
         return reject(app, exc, raw)
 
 
-def _store(
-    app: App, doc: IntakeDocument, fingerprint: str, verified_by: str | None, now: datetime
-) -> IntakeResult:
-    with UnitOfWork(app) as uow:
-        session = uow.session
-        existing = session.get(RequestRow, doc.request_id)
-        if existing is not None:
-            if existing.content_hash == fingerprint:
-                log.info("request_resubmitted", request_id=doc.request_id)
-                return IntakeResult("duplicate", doc.request_id)
-            raise ConflictingRequest(
-                "request_id was already used for a different document",
-                code="conflicting_request",
-                request_id=doc.request_id,
-            )
-        subject_hash = app.blind.email(doc.subject.email)
-        linked = session.execute(
-            select(RequestRow.id)
-            .where(
-                RequestRow.subject_hash == subject_hash,
-                RequestRow.state.notin_([s.value for s in TERMINAL]),
-            )
-            .order_by(RequestRow.received_at)
-            .limit(1)
-        ).scalar()
-        due = policy.due_date(doc.jurisdiction, doc.received_at)
-        ring = app.keys.ring
-        context = doc.request_id.encode()
-        payload: dict[str, Any] = {}
-        if doc.corrections:
-            payload["corrections"] = [list(c) for c in doc.corrections]
-        if doc.concern is not None:
-            payload["concern"] = doc.concern
-        request = RequestRow(
-            id=doc.request_id,
-            type=doc.type.value,
-            jurisdiction=doc.jurisdiction.value,
-            channel=doc.channel,
-            state=State.RECEIVED.value,
-            subject_hash=subject_hash,
-            subject_enc=ring.encrypt_json(doc.subject.to_json(), context=context),
-            payload_enc=ring.encrypt_json(payload, context=context) if payload else None,
-            content_hash=fingerprint,
-            schema_version=contract.SCHEMA_ID,
-            received_at=doc.received_at,
-            due_at=due,
-            original_due_at=due,
-            verified_by=verified_by,
-            verified_at=now if verified_by else None,
-            linked_to=linked,
-            created_at=now,
-            updated_at=now,
+@dataclass(frozen=True)
+class _Valid:
+    """A document that passed the contract, ready to store."""
+
+    doc: IntakeDocument
+    fingerprint: str
+    verified_by: str | None
+    now: datetime
+
+
+def group_commit(app: App) -> batch.GroupCommit[_Valid, IntakeResult]:
+    """Documents that worker threads accept at the same moment are stored in one
+    transaction, and their requests move on together (one verify message for the group).
+    One per app (`App.intake_group`)."""
+    return batch.GroupCommit(lambda items: _store_all(app, items), limit=BATCH_MAX)
+
+
+def _store_all(app: App, items: list[_Valid]) -> list[IntakeResult | Exception]:
+    """Store documents in one transaction; each alone (as it always could be) when there
+    is only one, or when a concurrent delivery of the same id broke the shared one."""
+    if len(items) > 1:
+        try:
+            results: list[IntakeResult | Exception] = []
+            accepted: list[dict[str, Any]] = []
+            with UnitOfWork(app) as uow:
+                for item in items:
+                    try:
+                        results.append(_add(app, uow, item, accepted))
+                    except ConflictingRequest as exc:  # raised before it wrote anything
+                        results.append(exc)
+            _log_accepted(accepted)
+            return results
+        except IntegrityError:
+            pass
+    return [_store_alone(app, item) for item in items]
+
+
+def _store_alone(app: App, item: _Valid) -> IntakeResult | Exception:
+    try:
+        return _commit_one(app, item)
+    except IntegrityError:
+        # a concurrent delivery of the same id committed first: judge it as a resubmission
+        return _commit_one(app, item)
+
+
+def _commit_one(app: App, item: _Valid) -> IntakeResult | Exception:
+    accepted: list[dict[str, Any]] = []
+    try:
+        with UnitOfWork(app) as uow:
+            result = _add(app, uow, item, accepted)
+    except ConflictingRequest as exc:
+        return exc
+    _log_accepted(accepted)
+    return result
+
+
+def _log_accepted(accepted: list[dict[str, Any]]) -> None:
+    for fields in accepted:
+        log.info("request_accepted", **fields)
+
+
+def _add(app: App, uow: UnitOfWork, item: _Valid, accepted: list[dict[str, Any]]) -> IntakeResult:
+    """Store one document in the caller's unit of work: the request, its first
+    transition, the acknowledgement and the verify message; or find it stored before.
+    `accepted` collects what to log once the unit of work commits."""
+    doc, fingerprint, verified_by, now = item.doc, item.fingerprint, item.verified_by, item.now
+    session = uow.session
+    existing = session.get(RequestRow, doc.request_id)
+    if existing is not None:
+        if existing.content_hash == fingerprint:
+            log.info("request_resubmitted", request_id=doc.request_id)
+            return IntakeResult("duplicate", doc.request_id)
+        raise ConflictingRequest(
+            "request_id was already used for a different document",
+            code="conflicting_request",
+            request_id=doc.request_id,
         )
-        session.add(request)
-        session.flush()
-        session.add(
-            TransitionRow(
-                request_id=request.id, from_state=None, to_state=State.RECEIVED.value, at=now
-            )
+    subject_hash = app.blind.email(doc.subject.email)
+    linked = session.execute(
+        select(RequestRow.id)
+        .where(
+            RequestRow.subject_hash == subject_hash,
+            RequestRow.state.notin_([s.value for s in TERMINAL]),
         )
-        audit.record(
-            session,
-            "request_received",
-            request_id=request.id,
-            type=request.type,
-            jurisdiction=request.jurisdiction,
-            channel=request.channel,
-            subject_hash=subject_hash,
-            due_at=iso(due),
-            linked_to=linked,
-            verified_by=verified_by,
-        )
-        notify_person(
-            app,
-            uow,
-            request,
-            "acknowledgement",
-            "acknowledgement",
-            {
-                "request_id": request.id,
-                "type": request.type,
-                "due_at": iso(due),
-                "received_at": iso(request.received_at),
-                "verification": "email"
-                if needs_verification(doc.type) and not verified_by
-                else "none",
-                "jurisdiction": request.jurisdiction,
-            },
-        )
-        uow.send(f"{request.id}:verify", topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, request.id)
-    log.info(
-        "request_accepted", request_id=doc.request_id, type=doc.type.value, linked=bool(linked)
+        .order_by(RequestRow.received_at)
+        .limit(1)
+    ).scalar()
+    due = policy.due_date(doc.jurisdiction, doc.received_at)
+    ring = app.keys.ring
+    context = doc.request_id.encode()
+    payload: dict[str, Any] = {}
+    if doc.corrections:
+        payload["corrections"] = [list(c) for c in doc.corrections]
+    if doc.concern is not None:
+        payload["concern"] = doc.concern
+    request = RequestRow(
+        id=doc.request_id,
+        type=doc.type.value,
+        jurisdiction=doc.jurisdiction.value,
+        channel=doc.channel,
+        state=State.RECEIVED.value,
+        subject_hash=subject_hash,
+        subject_enc=ring.encrypt_json(doc.subject.to_json(), context=context),
+        payload_enc=ring.encrypt_json(payload, context=context) if payload else None,
+        content_hash=fingerprint,
+        schema_version=contract.SCHEMA_ID,
+        received_at=doc.received_at,
+        due_at=due,
+        original_due_at=due,
+        verified_by=verified_by,
+        verified_at=now if verified_by else None,
+        linked_to=linked,
+        created_at=now,
+        updated_at=now,
     )
+    session.add(request)
+    session.flush()
+    session.add(
+        TransitionRow(request_id=request.id, from_state=None, to_state=State.RECEIVED.value, at=now)
+    )
+    audit.record(
+        session,
+        "request_received",
+        request_id=request.id,
+        type=request.type,
+        jurisdiction=request.jurisdiction,
+        channel=request.channel,
+        subject_hash=subject_hash,
+        due_at=iso(due),
+        linked_to=linked,
+        verified_by=verified_by,
+    )
+    notify_person(
+        app,
+        uow,
+        request,
+        "acknowledgement",
+        "acknowledgement",
+        {
+            "request_id": request.id,
+            "type": request.type,
+            "due_at": iso(due),
+            "received_at": iso(request.received_at),
+            "verification": "email" if needs_verification(doc.type) and not verified_by else "none",
+            "jurisdiction": request.jurisdiction,
+        },
+    )
+    uow.send(f"{request.id}:verify", topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, request.id)
+    accepted.append({"request_id": doc.request_id, "type": doc.type.value, "linked": bool(linked)})
     return IntakeResult("accepted", doc.request_id)
 
 
