@@ -66,7 +66,14 @@ def _retrying(fn: F) -> F:
 
 _broker = make_broker(Settings.from_env(), keys=lambda: app().keys)
 dramatiq.set_broker(_broker)
-_permanent: dict[str, Any] = {"throws": (PermanentError,)}
+# Stage messages: permanent errors end in the dead letters at once, not retried. Within a
+# worker, intake runs first (dramatiq takes lower priority numbers first; intake has 0):
+# under a backlog every request is received and stored before the stages go on, and the
+# verify stage then takes the waiting requests on in groups (`pipeline.batch`, peers)
+# that travel together through every later stage, oldest first. Without a backlog the
+# order changes nothing.
+STAGE_PRIORITY = 10
+_permanent: dict[str, Any] = {"throws": (PermanentError,), "priority": STAGE_PRIORITY}
 
 
 @dramatiq.actor(actor_name=topology.INTAKE_ACTOR, queue_name=topology.INTAKE_QUEUE, max_retries=20)
