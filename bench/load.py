@@ -2,19 +2,23 @@
 
     .venv/bin/python bench/load.py [--users 100000] --mode batch --requests 200 --mix access
     .venv/bin/python bench/load.py --mode rate --rate 2 --duration 60 --mix mixed [--profile]
+    .venv/bin/python bench/load.py --mode batch --requests 300 --worker-groups 2 --processes 1
 
 1. Store: a fresh PostgreSQL database holding the shop of `bench/shop_store.py` (users,
    orders, payment cards, videos, comments, login events: 23 rows per person, every
    foreign key indexed), generated in the database; a mapping TOML and a stores TOML
    naming only that store, which the pipeline reads through `PRIVACY_STORES_CONFIG`.
 2. Real run: a fresh state database (PostgreSQL by default), a mail sink, and the real
-   worker and scheduler processes (`LocalStack`). After an untimed warm-up of one
+   worker and scheduler processes (`LocalStack`): `--worker-groups` process groups of
+   `--processes` x `--threads` workers each, as that many hosts would run them, sharing
+   the broker and the state database. After an untimed warm-up of one
    request of each type, the requests go in as one batch (`--mode batch`) or at a
    fixed arrival rate (`--mode rate`): `--mix access`, `erase` or `mixed` (all five
    types), pre-verified by the signed intake assertion, each aimed at its own user.
    Measured: completed/s over the window from the first submission to the last
    completion or mail, latency per request (received -> completed, and -> the last
-   mail at the sink), RSS and CPU per process (sampled from /proc), PostgreSQL's and
+   mail at the sink), RSS and CPU per process and per worker group (sampled from
+   /proc), PostgreSQL's and
    Redis's CPU; then what the requests did (states, one acknowledgement and one outcome
    mail each and no duplicate, one encrypted archive per access, the store: erased
    people gone, everyone else untouched) and whether any request starved.
@@ -88,6 +92,7 @@ MIXES: dict[str, dict[str, int]] = {
 QUANTILES = (0.5, 0.95, 0.99)
 SAMPLE_SECONDS = 1.0
 STARVED_FACTOR = 2.0  # a request waiting more than this many times the p99 is starved
+GROUP_WORK_EVENTS = ("request_accepted", "store_task_completed")  # who did what, per group
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,9 @@ class LoadOptions:
     rate: float = 2.0  # requests per second, --mode rate
     duration: float = 60.0  # seconds of arrivals, --mode rate
     mix: str = "mixed"
-    processes: int = 2
+    processes: int = 2  # per worker group
     threads: int = 4
+    worker_groups: int = 1  # as on that many hosts, sharing the broker and the state DB
     database: str = "postgresql"
     noop: bool = True
     profile: bool = False
@@ -130,6 +136,7 @@ class LoadOptions:
             self.broker_url,
             self.pg_admin_url,
             self.keep,
+            worker_groups=self.worker_groups,
         )
 
 
@@ -143,6 +150,12 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
     p.add_argument("--mix", choices=tuple(MIXES), default="mixed")
     p.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
+    p.add_argument(
+        "--worker-groups",
+        type=int,
+        default=1,
+        help="worker process groups, as on that many hosts, each of --processes (default 1)",
+    )
     p.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
     p.add_argument("--no-noop", dest="noop", action="store_false", help="skip the no-op run")
     p.add_argument("--profile", action="store_true", help="add the in-process cProfile pass")
@@ -162,6 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
     p.add_argument("--no-plot", dest="plot", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the store database and work folder")
     a = vars(p.parse_args(argv))
+    if a["worker_groups"] < 1:
+        p.error(f"--worker-groups {a['worker_groups']}: run 1 or more worker groups")
     return LoadOptions(**a)
 
 
@@ -250,17 +265,22 @@ def _pids_named(names: tuple[str, ...]) -> dict[int, str]:
     return found
 
 
+def is_worker(role: str) -> bool:
+    """A worker group's name, as LocalStack gives them: `worker`, `worker-2`, ..."""
+    return role == "worker" or role.startswith("worker-")
+
+
 @dataclass
 class ProcessSampler:
     """Samples RSS and CPU of each process of the pipeline's groups while the load runs.
 
     Per process: CPU seconds used in the window, resident memory now and at its peak
-    (VmHWM). Over time: the worker group's summed RSS and CPU, for the plot. PostgreSQL
-    and Redis: CPU of every process of that name on the machine (so anything else they
-    serve at the time counts too).
+    (VmHWM). Per worker group, and over time for every worker group together (for the
+    plot): summed RSS and CPU. PostgreSQL and Redis: CPU of every process of that name
+    on the machine (so anything else they serve at the time counts too).
     """
 
-    groups: dict[str, int]  # role -> process group id
+    groups: dict[str, int]  # role (`worker`, `worker-2`, ..., `scheduler`) -> pgid
     started: float = field(default_factory=time.time)
     series: list[tuple[float, float, float]] = field(default_factory=list)  # t, MB, CPU s
     _first_cpu: dict[int, float] = field(default_factory=dict)
@@ -300,12 +320,13 @@ class ProcessSampler:
                 rss = _status_kb(pid, "VmRSS")
                 self._last[pid] = {
                     "role": role if pid != pgid else f"{role} (main)",
+                    "group": role,
                     "pid": pid,
                     "rss_mb": round(rss / 1024, 1),
                     "peak_rss_mb": round(_status_kb(pid, "VmHWM") / 1024, 1),
                     "cpu_s": round(seconds - self._first_cpu[pid], 2),
                 }
-                if role == "worker":
+                if is_worker(role):
                     rss_kb += rss
                     cpu += seconds - self._first_cpu[pid]
         self.series.append((time.time() - self.started, rss_kb / 1024, cpu))
@@ -318,12 +339,24 @@ class ProcessSampler:
         processes = sorted(self._last.values(), key=lambda p: (p["role"], p["pid"]))
         for p in processes:
             p["cpu_util"] = round(p["cpu_s"] / wall, 3) if wall else None
-        workers = [p for p in processes if p["role"].startswith("worker")]
+        workers = [p for p in processes if is_worker(p["group"])]
         services: dict[str, float] = defaultdict(float)
         for pid, (name, cpu) in self._service_cpu().items():
             services[name] += cpu - self._services.get(pid, (name, 0.0))[1]
+        cores = os.cpu_count() or 1
+        groups: dict[str, dict[str, Any]] = {}
+        for name in filter(is_worker, self.groups):
+            mine = [p for p in workers if p["group"] == name]
+            cpu = sum(p["cpu_s"] for p in mine)
+            groups[name] = {
+                "processes": len(mine),
+                "cpu_s": round(cpu, 2),
+                "cpu_util": round(cpu / (wall * cores), 3) if wall else None,  # of the machine
+                "peak_rss_mb": round(sum(p["peak_rss_mb"] for p in mine), 1),
+            }
         return {
             "processes": processes,
+            "worker_groups": groups,
             "worker_rss_mb_sum_peak": round(max((mb for _, mb, _ in self.series), default=0), 1),
             "worker_rss_mb_sum_of_peaks": round(sum(p["peak_rss_mb"] for p in workers), 1),
             "service_cpu_s": {k: round(v, 2) for k, v in sorted(services.items())},
@@ -341,17 +374,22 @@ def py_spy_binary() -> str | None:
 
 @dataclass
 class PySpy:
-    """py-spy sampling the worker processes' on-CPU stacks while the load runs.
+    """py-spy sampling the worker processes' on-CPU stacks while the load runs: one
+    py-spy per worker group (it follows one process tree), their stacks merged into one
+    file at the end.
 
     Unlike the cProfile pass, this is the real thing: several processes and threads,
     the real broker and mail server, and no profiler overhead in the workers (py-spy
     reads their memory from outside, without pausing them).
     """
 
-    pid: int
+    pids: dict[str, int]  # worker group -> its main process
     out: Path
     rate: int = 50  # samples per second
-    _proc: subprocess.Popen[bytes] | None = None
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def _part(self, name: str, suffix: str) -> Path:
+        return self.out.with_name(f"{self.out.stem}-{name}{suffix}")
 
     def start(self) -> PySpy:
         binary = py_spy_binary()
@@ -359,37 +397,49 @@ class PySpy:
             raise RuntimeError(
                 "--py-spy: no py-spy found; install it: .venv/bin/pip install py-spy"
             )
-        log = self.out.with_suffix(".log").open("wb")
-        self._proc = subprocess.Popen(
-            [binary, "record", "--pid", str(self.pid), "--subprocesses", "--nonblocking"]
-            + [
-                "--format",
-                "raw",
-                "--nolineno",
-                "--rate",
-                str(self.rate),
-                "--output",
-                str(self.out),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # a background job ignores SIGINT, and so would its children: py-spy stops on it
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        log.close()
+        for name, pid in self.pids.items():
+            with self._part(name, ".log").open("wb") as log:
+                self._procs[name] = subprocess.Popen(
+                    [binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
+                    + [
+                        "--format",
+                        "raw",
+                        "--nolineno",
+                        "--rate",
+                        str(self.rate),
+                        "--output",
+                        str(self._part(name, self.out.suffix)),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    # a background job ignores SIGINT, and so would its children: py-spy
+                    # stops on it
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                )
         return self
 
     def stop(self) -> dict[str, Any]:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGINT)
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self._procs.values():
             try:
-                self._proc.wait(60)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if not self.out.is_file():
-            return {"error": self.out.with_suffix(".log").read_text(errors="replace")[-2000:]}
-        return stacks_summary(self.out)
+                proc.kill()
+                proc.wait()
+        parts = [self._part(name, self.out.suffix) for name in self.pids]
+        found = [part for part in parts if part.is_file()]
+        if not found:
+            logs = (self._part(name, ".log") for name in self.pids)
+            return {"error": "\n".join(log.read_text(errors="replace")[-2000:] for log in logs)}
+        with self.out.open("w") as merged:  # collapsed stacks: lines add up
+            for part in found:
+                merged.write(part.read_text(errors="replace"))
+        summary = stacks_summary(self.out)
+        if len(found) < len(parts):
+            summary["missing_groups"] = [p.name for p in parts if p not in found]
+        return summary
 
 
 def stacks_summary(path: Path, top: int = 25) -> dict[str, Any]:
@@ -574,10 +624,11 @@ def run_real(
         {"PRIVACY_STORES_CONFIG": str(store)},
     ) as real:
         probe = tp.StateProbe(real.url, prefix)
-        groups = {role: real.stack.children[role].pid for role in ("worker", "scheduler")}
-        window = tp.Window(groups["worker"], {"scheduler": groups["scheduler"]})
-        sampler = ProcessSampler(groups).start()
-        spy = PySpy(groups["worker"], folder / "py-spy.txt").start() if opts.py_spy else None
+        workers = {name: real.stack.children[name].pid for name in real.stack.worker_names}
+        scheduler = real.stack.children["scheduler"].pid
+        window = tp.Window(tuple(workers.values()), {"scheduler": scheduler})
+        sampler = ProcessSampler({**workers, "scheduler": scheduler}).start()
+        spy = PySpy(workers, folder / "py-spy.txt").start() if opts.py_spy else None
         how = f"at {opts.rate}/s for {opts.duration:g} s" if opts.mode == "rate" else "at once"
         print(f"-- real: submitting {len(batch)} {opts.mix} requests {how}", flush=True)
         rate = opts.rate if opts.mode == "rate" else None
@@ -623,15 +674,19 @@ def run_real(
         **processes,
         "mail": tp.mail_report(folder / "mail", prefix),
         "exports": exports,
-        "worker_log": tp.count_log_events(folder / "logs" / "worker.log", tp.WORKER_LOG_EVENTS),
+        "worker_log": tp.count_log_events(
+            tp.worker_logs(folder / "logs", opts.worker_groups), tp.WORKER_LOG_EVENTS
+        ),
         "scheduler_log": tp.count_log_events(
-            folder / "logs" / "scheduler.log", tp.SCHEDULER_LOG_EVENTS
+            [folder / "logs" / "scheduler.log"], tp.SCHEDULER_LOG_EVENTS
         ),
         "messages": sum(p.messages for p in plans.values()),
         "real_messages": messages,
         "batching": batching,
         "per_request": requests,
     }
+    for name, group in result["worker_groups"].items():
+        group["log"] = tp.count_log_events([folder / "logs" / f"{name}.log"], GROUP_WORK_EVENTS)
     if stacks is not None:
         result["py_spy"] = stacks
     return tp.RealRun(batch, the_plan.warmup, plans, result)
@@ -813,7 +868,7 @@ def title(result: dict[str, Any]) -> str:
         else f"{o['rate']}/s for {o['duration']:g} s"
     )
     return (
-        f"{o['mix']} {how}, {o['users']:,} users, {o['processes']}x{o['threads']} workers, "
+        f"{o['mix']} {how}, {o['users']:,} users, {tp.worker_topology(o)}, "
         f"state DB {o['database']}: {real['completed_per_s']} completed/s"
         + (f", no-op {result['noop']['req_per_s']}/s" if result.get("noop") else "")
     )
@@ -862,6 +917,14 @@ def print_report(result: dict[str, Any]) -> None:
         f"(sum of each one's peak {real['worker_rss_mb_sum_of_peaks']} MB); "
         f"CPU {real['worker_cpu_s']} s = {real['worker_cpu_util']} of the machine"
     )
+    groups = real.get("worker_groups", {})
+    if len(groups) > 1:
+        for name, g in groups.items():
+            work = ", ".join(f"{n} {e}" for e, n in g.get("log", {}).items()) or "no work logged"
+            print(
+                f"   group {name}: {g['processes']} processes, peak RSS {g['peak_rss_mb']} MB, "
+                f"CPU {g['cpu_s']} s = {g['cpu_util']} of the machine; {work}"
+            )
     print(
         f"   other CPU s: {real['other_cpu_s']}, services {real['service_cpu_s']}; "
         f"machine busy {real['machine_cpu_util']}; load average before "

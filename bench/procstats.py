@@ -36,8 +36,9 @@ class GroupSnapshot:
     cpu_seconds: float  # user + system, summed over the live members
 
 
-def group_snapshot(pgid: int) -> GroupSnapshot:
-    """Every live process in the process group `pgid` (a LocalStack child and its forks)."""
+def group_snapshot(*pgids: int) -> GroupSnapshot:
+    """Every live process in the process groups `pgids` (LocalStack children and their
+    forks), summed."""
     pids = []
     cpu_ticks = 0
     for entry in Path("/proc").iterdir():
@@ -45,7 +46,7 @@ def group_snapshot(pgid: int) -> GroupSnapshot:
             continue
         fields = _stat_fields(int(entry.name))
         # after the name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12)
-        if fields is None or int(fields[2]) != pgid:
+        if fields is None or int(fields[2]) not in pgids:
             continue
         pids.append(int(entry.name))
         cpu_ticks += int(fields[11]) + int(fields[12])

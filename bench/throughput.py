@@ -1,13 +1,14 @@
 """Throughput of the privacy-request pipeline against a no-op run of the same topology.
 
     .venv/bin/python bench/throughput.py --requests 200 --processes 2 --threads 4 \
-        [--database sqlite|postgresql] [--profile]
+        [--worker-groups 1] [--database sqlite|postgresql] [--profile]
 
 1. Real run: seeds the demo stores, migrates a fresh state database, starts a mail sink
-   and the real worker and scheduler processes (`LocalStack`), pushes a batch of
+   and the real worker and scheduler processes (`LocalStack`; `--worker-groups` of
+   them, as on that many hosts, sharing the broker and the state DB), pushes a batch of
    pre-verified requests of mixed types and waits until every request is done and every
    mail has reached the sink.
-2. No-op run: `dramatiq bench.noop_actors` with the same process and thread counts,
+2. No-op run: `dramatiq bench.noop_actors` with the same groups, processes and threads,
    the same actor names and queues, replaying the hops each request cost in the real
    run (read back from its store tasks), on its own queue namespace.
 3. `--profile`: one in-process pass of a smaller batch through `pipeline.handlers.handle`
@@ -37,7 +38,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -77,7 +78,7 @@ from pipeline.migrate import upgrade  # noqa: E402
 from pipeline.outbox import BATCH_MAX, Envelope  # noqa: E402
 from pipeline.services import redis_answers  # noqa: E402
 from pipeline.settings import Settings  # noqa: E402
-from pipeline.stack import LocalStack  # noqa: E402
+from pipeline.stack import LocalStack, group_names  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 FINAL = ("done", "needs_attention", "expired", "cancelled")
@@ -106,6 +107,7 @@ class Options:
     broker_url: str
     pg_admin_url: str
     keep: bool
+    worker_groups: int = 1  # worker process groups of `processes` x `threads` each
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -113,6 +115,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--requests", type=int, default=200, help="batch size (default 200)")
     p.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
+    p.add_argument(
+        "--worker-groups",
+        type=int,
+        default=1,
+        help="worker process groups, as on that many hosts, each of --processes (default 1)",
+    )
     p.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     p.add_argument("--profile", action="store_true", help="add an in-process cProfile pass")
     p.add_argument("--profile-requests", type=int, default=50, help="batch of the profile pass")
@@ -138,6 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         a.broker_url,
         a.pg_admin_url,
         a.keep,
+        a.worker_groups,
     )
 
 
@@ -230,9 +239,10 @@ def wait_until(
 
 @dataclass
 class Window:
-    """CPU used by a process group and by the whole machine between `start` and `stop`."""
+    """CPU used by the worker process groups and by the whole machine between `start`
+    and `stop`; the workers' figures are sums over every group."""
 
-    pgid: int
+    workers: tuple[int, ...]  # the worker groups' process group ids
     others: dict[str, int] = field(default_factory=dict)  # name -> pgid, CPU only
     group_cpu: float = 0.0
     others_cpu: dict[str, float] = field(default_factory=dict)
@@ -240,13 +250,13 @@ class Window:
     machine: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
-        self.group_cpu = group_snapshot(self.pgid).cpu_seconds
+        self.group_cpu = group_snapshot(*self.workers).cpu_seconds
         self.others_cpu = {k: group_snapshot(g).cpu_seconds for k, g in self.others.items()}
         self.own_cpu = time.process_time()
         self.machine = machine_cpu()
 
     def stop(self, wall: float) -> dict[str, Any]:
-        snap: GroupSnapshot = group_snapshot(self.pgid)
+        snap: GroupSnapshot = group_snapshot(*self.workers)
         busy, total = machine_cpu()
         cores = os.cpu_count() or 1
         worker_cpu = snap.cpu_seconds - self.group_cpu
@@ -301,9 +311,18 @@ def latency_summary(
     }
 
 
-def count_log_events(path: Path, events: Sequence[str]) -> dict[str, int]:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return {e: text.count(e) for e in events if e in text}
+def count_log_events(paths: Iterable[Path], events: Sequence[str]) -> dict[str, int]:
+    """How often each of `events` occurs, summed over the log files `paths`."""
+    counts: Counter[str] = Counter()
+    for path in paths:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        counts.update({e: text.count(e) for e in events if e in text})
+    return dict(counts)
+
+
+def worker_logs(log_dir: Path, groups: int) -> list[Path]:
+    """The log file of each worker group of a `LocalStack`: worker.log, worker-2.log, ..."""
+    return [log_dir / f"{name}.log" for name in group_names("worker", groups)]
 
 
 # --------------------------------------------------------------------- real run
@@ -521,6 +540,7 @@ def running_stack(
             threads=opts.threads,
             web=False,
             scheduler=True,
+            worker_groups=opts.worker_groups,
         )
         try:
             stack.start()
@@ -552,8 +572,10 @@ def run_real(opts: Options, run_id: str, folder: Path) -> RealRun:
     namespace = f"bench-real-{run_id}"
     with running_stack(opts, folder, data_dir, namespace, warmup, f"warm-{run_id}") as real:
         probe = StateProbe(real.url, prefix)
+        children = real.stack.children
         window = Window(
-            real.stack.children["worker"].pid, {"scheduler": real.stack.children["scheduler"].pid}
+            tuple(children[name].pid for name in real.stack.worker_names),
+            {"scheduler": children["scheduler"].pid},
         )
         print(f"-- real: submitting {len(batch)} requests", flush=True)
         docs = [document(r, real.key) for r in batch]
@@ -573,9 +595,11 @@ def run_real(opts: Options, run_id: str, folder: Path) -> RealRun:
         probe.close()
     # after the processes stopped: every log line and mail is in its file
     result["mail"] = mail_report(folder / "mail", prefix)
-    result["worker_log"] = count_log_events(folder / "logs" / "worker.log", WORKER_LOG_EVENTS)
+    result["worker_log"] = count_log_events(
+        worker_logs(folder / "logs", opts.worker_groups), WORKER_LOG_EVENTS
+    )
     result["scheduler_log"] = count_log_events(
-        folder / "logs" / "scheduler.log", SCHEDULER_LOG_EVENTS
+        [folder / "logs" / "scheduler.log"], SCHEDULER_LOG_EVENTS
     )
     result.update(throughput(result["requests"], wall, sum(p.messages for p in plans.values())))
     return RealRun(batch, warmup, plans, result)
@@ -635,33 +659,39 @@ def hop_plans(
 
 @contextmanager
 def noop_workers(
-    opts: Options, env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    log.parent.mkdir(parents=True, exist_ok=True)
+    opts: Options, env: dict[str, str], log_dir: Path
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """`opts.worker_groups` no-op dramatiq groups (noop, noop-2, ...), each logging to
+    `<name>.log` in `log_dir`: the real run's topology."""
+    log_dir.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    with log.open("ab") as out:
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dramatiq",
-                "bench.noop_actors",
-                "--processes",
-                str(opts.processes),
-                "--threads",
-                str(opts.threads),
-            ],
-            env={**os.environ, **env, "PYTHONPATH": path},
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            yield child
-        finally:
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in group_names("noop", opts.worker_groups):
+            with (log_dir / f"{name}.log").open("ab") as out:
+                children[name] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dramatiq",
+                        "bench.noop_actors",
+                        "--processes",
+                        str(opts.processes),
+                        "--threads",
+                        str(opts.threads),
+                    ],
+                    env={**os.environ, **env, "PYTHONPATH": path},
+                    cwd=REPO,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        yield children
+    finally:
+        for child in children.values():
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGTERM)
+        for child in children.values():
             try:
                 child.wait(20)
             except subprocess.TimeoutExpired:
@@ -691,19 +721,23 @@ def run_noop(opts: Options, run_id: str, folder: Path, real: RealRun) -> dict[st
 
     warm_plans = {r.request_id: HopPlan.expected(r.kind, stores) for r in real.warmup}
     try:
-        with noop_workers(opts, env, folder / "logs" / "noop.log") as child:
+        with noop_workers(opts, env, folder / "logs") as children:
 
             def alive() -> None:
-                if child.poll() is not None:
-                    tail = (folder / "logs" / "noop.log").read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"the no-op workers exited with {child.returncode}:\n{tail}")
+                for name, child in children.items():
+                    if child.poll() is not None:
+                        log = folder / "logs" / f"{name}.log"
+                        tail = log.read_text(errors="replace")[-3000:]
+                        raise RuntimeError(
+                            f"the no-op workers {name} exited with {child.returncode}:\n{tail}"
+                        )
 
             print(f"-- no-op: warming up with {len(real.warmup)} requests", flush=True)
             submit_all(bus, tagged(real.warmup, warm_plans))
             wait_until(
                 finished(len(real.warmup)), timeout=opts.timeout, label="no-op warm-up", alive=alive
             )
-            window = Window(child.pid)
+            window = Window(tuple(child.pid for child in children.values()))
             docs = tagged(real.batch, real.plans)
             print(f"-- no-op: submitting {len(docs)} requests", flush=True)
             started = time.time()
@@ -880,12 +914,22 @@ def profile_pass(
 # --------------------------------------------------------------------- report
 
 
+def worker_topology(options: dict[str, Any]) -> str:
+    """A result's worker groups, processes per group and threads per process, as
+    `2 groups of 1x4 workers`."""
+    groups = options.get("worker_groups", 1)
+    return (
+        f"{groups} group{'s' if groups != 1 else ''} of "
+        f"{options['processes']}x{options['threads']} workers"
+    )
+
+
 def print_report(result: dict[str, Any]) -> None:
     real, noop = result["real"], result["noop"]
     o = result["options"]
     print(
-        f"\n== Throughput: {o['requests']} requests, {o['processes']} processes x "
-        f"{o['threads']} threads, state DB {o['database']}, {result['machine']['cpus']} CPUs"
+        f"\n== Throughput: {o['requests']} requests, {worker_topology(o)}, "
+        f"state DB {o['database']}, {result['machine']['cpus']} CPUs"
     )
     print(f"   {'run':<8} {'req/s':>8} {'msg/s':>8} {'wall s':>8} {'worker CPU':>11} {'RSS MB':>8}")
     for name, r in (("real", real), ("no-op", noop)):

@@ -2,6 +2,8 @@
 
 Real processes, as the Procfile runs them: dramatiq workers, the web process and the
 scheduler, and optionally the operations dashboard, each with its output in a log file.
+Several worker groups stand for several hosts: each is its own `pipeline.cli worker`
+process group, and they share only the broker and the state database.
 """
 
 from __future__ import annotations
@@ -17,20 +19,37 @@ from pathlib import Path
 from typing import IO
 
 
+def group_names(role: str, count: int) -> tuple[str, ...]:
+    """`worker`, `worker-2`, ...: the names of `count` process groups of one role."""
+    return tuple(role if i == 1 else f"{role}-{i}" for i in range(1, count + 1))
+
+
 @dataclass
 class LocalStack:
     env: dict[str, str]
     log_dir: Path
-    processes: int = 1
+    processes: int = 1  # per worker group
     threads: int = 4
     web: bool = True
     scheduler: bool = True
     dashboard: bool = False
+    worker_groups: int = 1  # `pipeline.cli worker` process groups, as on that many hosts
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.worker_groups < 1:
+            raise ValueError(
+                f"LocalStack(worker_groups={self.worker_groups}): pass 1 or more worker groups"
+            )
+
+    @property
+    def worker_names(self) -> tuple[str, ...]:
+        """The worker groups' names (and log files' stems): `worker`, `worker-2`, ..."""
+        return group_names("worker", self.worker_groups)
+
     def _command(self, name: str) -> tuple[str, ...]:
-        if name == "worker":
+        if name in self.worker_names:
             return ("worker", "--processes", str(self.processes), "--threads", str(self.threads))
         return (name,)
 
@@ -48,7 +67,8 @@ class LocalStack:
         )
 
     def start(self) -> LocalStack:
-        self._spawn("worker")
+        for name in self.worker_names:
+            self._spawn(name)
         if self.scheduler:
             self._spawn("scheduler")
         if self.web:
@@ -83,15 +103,19 @@ class LocalStack:
         raise RuntimeError(f"the {name} process did not answer at {base} within {timeout:.0f} s")
 
     def worker_pids(self) -> list[int]:
-        """The dramatiq worker processes (children of the worker group's main process)."""
-        main = self.children.get("worker")
-        if main is None or main.poll() is not None:
-            return []
-        path = Path(f"/proc/{main.pid}/task/{main.pid}/children")
-        try:
-            return [int(p) for p in path.read_text().split()]
-        except OSError:
-            return []
+        """The dramatiq worker processes of every worker group (the children of each
+        group's main process)."""
+        pids: list[int] = []
+        for name in self.worker_names:
+            main = self.children.get(name)
+            if main is None or main.poll() is not None:
+                continue
+            path = Path(f"/proc/{main.pid}/task/{main.pid}/children")
+            try:
+                pids.extend(int(p) for p in path.read_text().split())
+            except OSError:
+                continue
+        return pids
 
     def revive(self) -> list[str]:
         """Restart any process that exited, as a supervisor would; returns their names.
