@@ -115,16 +115,7 @@ def _store_all(app: App, items: list[_Valid]) -> list[IntakeResult | Exception]:
     is only one, or when a concurrent delivery of the same id broke the shared one."""
     if len(items) > 1:
         try:
-            results: list[IntakeResult | Exception] = []
-            accepted: list[dict[str, Any]] = []
-            with UnitOfWork(app) as uow:
-                for item in items:
-                    try:
-                        results.append(_add(app, uow, item, accepted))
-                    except ConflictingRequest as exc:  # raised before it wrote anything
-                        results.append(exc)
-            _log_accepted(accepted)
-            return results
+            return _commit(app, items)
         except IntegrityError:
             pass
     return [_store_alone(app, item) for item in items]
@@ -132,21 +123,25 @@ def _store_all(app: App, items: list[_Valid]) -> list[IntakeResult | Exception]:
 
 def _store_alone(app: App, item: _Valid) -> IntakeResult | Exception:
     try:
-        return _commit_one(app, item)
+        return _commit(app, [item])[0]
     except IntegrityError:
         # a concurrent delivery of the same id committed first: judge it as a resubmission
-        return _commit_one(app, item)
+        return _commit(app, [item])[0]
 
 
-def _commit_one(app: App, item: _Valid) -> IntakeResult | Exception:
+def _commit(app: App, items: list[_Valid]) -> list[IntakeResult | Exception]:
+    """The documents in one unit of work: each one's outcome, or the refusal of a reused
+    id (raised before it wrote anything)."""
+    results: list[IntakeResult | Exception] = []
     accepted: list[dict[str, Any]] = []
-    try:
-        with UnitOfWork(app) as uow:
-            result = _add(app, uow, item, accepted)
-    except ConflictingRequest as exc:
-        return exc
+    with UnitOfWork(app) as uow:
+        for item in items:
+            try:
+                results.append(_add(app, uow, item, accepted))
+            except ConflictingRequest as exc:
+                results.append(exc)
     _log_accepted(accepted)
-    return result
+    return results
 
 
 def _log_accepted(accepted: list[dict[str, Any]]) -> None:
