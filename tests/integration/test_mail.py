@@ -169,6 +169,29 @@ def test_a_subject_never_carries_a_line_break_whatever_the_context_holds(name, v
     assert parsed.get_all("Subject") == [mail.subject]
 
 
+@pytest.mark.parametrize(
+    "recipient", ["a@example.com\r\nBcc: attacker@evil.example", "a@b.c\nX: y"]
+)
+def test_a_header_value_with_a_line_break_is_refused_not_sent(recipient):
+    mail = Templates().render("acknowledgement", CONTEXTS["acknowledgement"])
+    with pytest.raises(ValueError, match="one line"):
+        Mailer(Settings()).build(recipient, mail, "<x@privacy.allego.example>")
+
+
+def test_a_non_ascii_subject_and_body_survive_the_wire_format():
+    mail = RenderedMail("Zoë’s export – ready", "Hallo Zoë, ß € ✓\n", "<p>Zoë ✓</p>")
+    raw = Mailer(Settings()).build(EMAIL, mail, "<u@privacy.allego.example>").as_bytes()
+    assert raw.isascii()  # RFC 2047 headers, quoted-printable bodies
+    parsed = message_from_bytes(raw, policy=policy.default)
+    assert parsed["Subject"] == "Zoë’s export – ready"
+    assert parsed["To"] == EMAIL and parsed["Auto-Submitted"] == "auto-generated"
+    plain = parsed.get_body(("plain",))
+    html = parsed.get_body(("html",))
+    assert plain["Content-Transfer-Encoding"] == "quoted-printable"
+    assert plain.get_content().replace("\r\n", "\n") == "Hallo Zoë, ß € ✓\n"
+    assert html.get_content().strip() == "<p>Zoë ✓</p>"
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
