@@ -389,11 +389,18 @@ class StateProbe:
     def batching(self) -> dict[str, dict[str, float]]:
         """How many ids each broker message carried, per actor: the rows one publish
         marked together share their `published_at`, and a publish sends one message per
-        actor (up to `outbox.BATCH_MAX` ids)."""
+        actor (up to `outbox.BATCH_MAX` ids). Mails count too: their rows are keyed by
+        the notification, not the request."""
+        mails = sa.select(sa.literal("mail:") + NotificationRow.id).where(
+            NotificationRow.request_id.like(self.like)
+        )
         with self.sessions() as s:
             rows = s.execute(
                 sa.select(OutboxRow.actor, OutboxRow.published_at, sa.func.count())
-                .where(OutboxRow.key.like(self.like), OutboxRow.published_at.is_not(None))
+                .where(
+                    sa.or_(OutboxRow.key.like(self.like), OutboxRow.key.in_(mails)),
+                    OutboxRow.published_at.is_not(None),
+                )
                 .group_by(OutboxRow.actor, OutboxRow.published_at)
             ).all()
         out: dict[str, dict[str, float]] = {}

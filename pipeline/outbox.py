@@ -17,11 +17,11 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import Any, Protocol, cast
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -105,6 +105,8 @@ def _insert_new(dialect: str) -> Any:
 
 
 BATCH_MAX = 50  # ids per message
+RELAY_AFTER = timedelta(seconds=5)  # the relay publishes rows left unpublished this long
+MARK_INTERVAL = 0.2  # seconds a publish waits to be recorded (`Marks`), far below RELAY_AFTER
 
 
 def grouped(
@@ -143,27 +145,95 @@ def as_ids(ids: str | Sequence[str]) -> list[str]:
     return list(ids)
 
 
-def publish(factory: sessionmaker[Session], bus: MessageBus, envelopes: Sequence[Envelope]) -> int:
+Mark = tuple[str, datetime]  # an outbox row's id, and when its message went to the broker
+
+
+def publish(
+    factory: sessionmaker[Session],
+    bus: MessageBus,
+    envelopes: Sequence[Envelope],
+    *,
+    record: Callable[[list[Mark]], None] | None = None,
+) -> int:
     """Publish committed envelopes, grouped into batch messages (`grouped`), then mark
-    them published in one statement.
+    them published: at once in one transaction, or by `record` (`Marks`, later, together
+    with other publishes). The rows of one message share its time.
 
     If publishing stops half way, what was sent is still marked and the error goes up:
     the rest stays unpublished for the relay.
     """
-    sent: list[str] = []
+    sent: list[Mark] = []
     try:
         for message, members in grouped(envelopes):
             bus.publish(message)
-            sent.extend(members)
+            at = utcnow()
+            sent.extend((member, at) for member in members)
     finally:
-        if sent:
-            with transaction(factory) as session:
-                session.execute(
-                    update(OutboxRow)
-                    .where(OutboxRow.id.in_(sent))
-                    .values(published_at=utcnow(), publish_count=OutboxRow.publish_count + 1)
-                )
+        if sent and record is not None:
+            record(sent)
+        elif sent:
+            mark_published(factory, sent)
     return len(sent)
+
+
+def mark_published(factory: sessionmaker[Session], marks: Sequence[Mark]) -> None:
+    """Record publishes in one transaction (one statement, executed for every row)."""
+    with transaction(factory) as session:
+        session.connection().execute(_MARK, [{"row_id": row_id, "at": at} for row_id, at in marks])
+
+
+_OUTBOX = cast(Table, OutboxRow.__table__)
+_MARK = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == bindparam("row_id"))
+    .values(published_at=bindparam("at"), publish_count=_OUTBOX.c.publish_count + 1)
+)
+
+
+class Marks:
+    """Publishes recorded in the outbox a moment later, many in one transaction.
+
+    Marking each publish at once costs every stage message a transaction of its own
+    after its commit. Deferred by at most `interval`, the marks of all the process's
+    publishes in that time go in one. Lost marks (the process dies first, or the database
+    is away) only mean the relay publishes those rows again after `RELAY_AFTER`: stages
+    are idempotent, so a repeated message does nothing. `interval` stays far below that.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], *, interval: float) -> None:
+        self.factory = factory
+        self.interval = interval
+        self._lock = threading.Condition()
+        self._pending: list[Mark] = []
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, marks: list[Mark]) -> None:
+        with self._lock:
+            self._pending.extend(marks)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()  # a forked worker starts its own
+                self._thread = threading.Thread(target=self._run, name="outbox-marks", daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def flush(self) -> None:
+        with self._lock:
+            taken, self._pending = self._pending, []
+        if not taken:
+            return
+        try:
+            mark_published(self.factory, taken)
+        except Exception as error:  # the relay publishes them again: a repeat, not a loss
+            log.warning("outbox_marks_lost", error=type(error).__name__, count=len(taken))
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending:
+                    self._lock.wait()
+            time.sleep(self.interval)
+            self.flush()
 
 
 def publish_pending(
@@ -223,6 +293,8 @@ class Publisher:
         self._last = -float("inf")
         self._thread: threading.Thread | None = None
         self._pid = 0
+        # publishing at once (no window: tests, one-off tools) marks at once too
+        self.marks = Marks(factory, interval=MARK_INTERVAL) if self.window > 0 else None
 
     def submit(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
@@ -243,11 +315,14 @@ class Publisher:
             self._publish(list(envelopes))
 
     def flush(self) -> None:
-        """Publish whatever waits, now (tests; a process about to stop)."""
+        """Publish whatever waits, and record what was published, now (tests; a process
+        about to stop)."""
         with self._lock:
             taken, self._pending = self._pending, []
             self._last = time.monotonic()
         self._publish(taken)
+        if self.marks is not None:
+            self.marks.flush()
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
@@ -272,6 +347,11 @@ class Publisher:
         if not envelopes:
             return
         try:
-            publish(self.factory, self.bus(), envelopes)
+            publish(
+                self.factory,
+                self.bus(),
+                envelopes,
+                record=self.marks.add if self.marks is not None else None,
+            )
         except Exception as error:  # the scheduler's relay publishes them later
             log.warning("outbox_publish_deferred", error=type(error).__name__, count=len(envelopes))

@@ -170,9 +170,7 @@ def resend_stuck_emails(app: App, now: datetime) -> int:
 def tick(app: App, *, now: datetime | None = None) -> TickReport:
     now = now or utcnow()
     report = TickReport()
-    report.published = outbox.publish_pending(
-        app.sessions, app.bus, older_than=timedelta(seconds=5)
-    )
+    report.published = outbox.publish_pending(app.sessions, app.bus, older_than=outbox.RELAY_AFTER)
     report.expired = verification.expire_due(app, now=now)
     report.rekicked = rekick_stalled(app, now)
     report.emails = resend_stuck_emails(app, now)

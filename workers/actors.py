@@ -64,7 +64,17 @@ def _retrying(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _FlushOnShutdown(dramatiq.Middleware):
+    """A stopping worker publishes the messages still in its window and records the
+    publishes not yet recorded; were it killed instead, the relay sends them again."""
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if _app is not None:
+            _app.publisher.flush()
+
+
 _broker = make_broker(Settings.from_env(), keys=lambda: app().keys)
+_broker.add_middleware(_FlushOnShutdown())
 dramatiq.set_broker(_broker)
 # Stage messages: permanent errors end in the dead letters at once, not retried. Within a
 # worker, intake runs first (dramatiq takes lower priority numbers first; intake has 0):
