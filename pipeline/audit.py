@@ -86,8 +86,9 @@ def _chain_pending(session: Session) -> None:
     if not pending:
         return
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(_LOCK, {"k": _PG_CHAIN_LOCK})
-    prev = session.execute(_HEAD).scalar() or GENESIS
+        prev = session.execute(_LOCK_AND_HEAD, {"k": _PG_CHAIN_LOCK}).scalar() or GENESIS
+    else:  # SQLite: the transaction's write lock serialises the appends
+        prev = session.execute(_HEAD).scalar() or GENESIS
     rows = []
     for e in pending:
         digest = _entry_hash(prev, e.at, e.actor, e.action, e.request_id, e.detail)
@@ -106,8 +107,10 @@ def _chain_pending(session: Session) -> None:
     session.execute(_INSERT, rows)  # in order: the ids follow the chain
 
 
-# built once: a statement object caches its compiled form
-_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+# built once: a statement object caches its compiled form. The function (migration 0006)
+# takes the chain lock, then reads the head with a snapshot taken after the lock: one
+# round trip instead of two.
+_LOCK_AND_HEAD = text("SELECT privacy_audit_head(:k)")
 _HEAD = select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)
 _INSERT = insert(AuditRow)
 
