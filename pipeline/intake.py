@@ -234,6 +234,7 @@ def _add(app: App, uow: UnitOfWork, item: _Valid, accepted: list[dict[str, Any]]
             "verification": "email" if needs_verification(doc.type) and not verified_by else "none",
             "jurisdiction": request.jurisdiction,
         },
+        new_request=True,
     )
     uow.send(f"{request.id}:verify", topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, request.id)
     accepted.append({"request_id": doc.request_id, "type": doc.type.value, "linked": bool(linked)})

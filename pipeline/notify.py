@@ -52,6 +52,16 @@ def _store_titles(app: App) -> dict[str, str]:
     return {name: c.metadata.title for name, c in app.connectors.items()}
 
 
+def _export_of(uow: UnitOfWork, request_id: str) -> ExportRow:
+    batch = uow.owned(ExportRow, request_id)
+    if batch is not None:
+        (export,) = batch
+        return export
+    return uow.session.execute(
+        select(ExportRow).where(ExportRow.request_id == request_id)
+    ).scalar_one()
+
+
 def outcome_context(app: App, uow: UnitOfWork, request: RequestRow) -> dict[str, Any]:
     kind = RequestType(request.type)
     titles = _store_titles(app)
@@ -67,9 +77,7 @@ def outcome_context(app: App, uow: UnitOfWork, request: RequestRow) -> dict[str,
     context["searched"] = searched
     acted = {t.store: t.result or {} for t in tasks_of(uow, request.id, "act")}
     if kind is RequestType.ACCESS:
-        export = uow.session.execute(
-            select(ExportRow).where(ExportRow.request_id == request.id)
-        ).scalar_one()
+        export = _export_of(uow, request.id)
         context.update(
             link=download_link(app, export),
             expires_at=iso(export.expires_at),

@@ -123,21 +123,19 @@ def notify_person(
     event: str,
     template: str,
     context: Mapping[str, Any],
+    *,
+    new_request: bool = False,
 ) -> str | None:
     """Queue an email to the person, once per (request, event), and ask for its sending
-    in the same commit. Returns the notification id, or None if it was queued before."""
-    session = uow.session
-    existing = session.execute(
-        select(NotificationRow.id).where(
-            NotificationRow.request_id == request.id, NotificationRow.event == event
-        )
-    ).scalar()
-    if existing is not None:
+    in the same commit. Returns the notification id, or None if it was queued before.
+    `new_request`: the request was created in this unit of work, so nothing was queued
+    for it yet (no need to look)."""
+    if not new_request and _queued_before(uow, request.id, event):
         return None
     email = subject_of(app, request)["email"]
     note_id = str(uuid.uuid4())
     ring = app.keys.ring
-    session.add(
+    uow.add(
         NotificationRow(
             id=note_id,
             request_id=request.id,
@@ -148,9 +146,20 @@ def notify_person(
             message_id=f"<{note_id}@privacy.allego.example>",
         )
     )
-    session.flush()
     uow.send(f"mail:{note_id}", topology.SEND_EMAIL_ACTOR, topology.NOTIFY_QUEUE, note_id)
     return note_id
+
+
+def _queued_before(uow: UnitOfWork, request_id: str, event: str) -> bool:
+    batch = uow.owned(NotificationRow, request_id)
+    if batch is not None:
+        return any(n.event == event for n in batch)
+    found = uow.session.execute(
+        select(NotificationRow.id).where(
+            NotificationRow.request_id == request_id, NotificationRow.event == event
+        )
+    ).scalar()
+    return found is not None
 
 
 def iso(moment: datetime) -> str:

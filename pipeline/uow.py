@@ -6,12 +6,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import audit, outbox
-from pipeline.db import RequestRow
+from pipeline.db import ExportRow, NotificationRow, RequestRow, StoreTaskRow
 from pipeline.outbox import Envelope
 from pipeline.requests import LOCKED, lock_all
 
@@ -33,6 +34,10 @@ def collecting() -> Iterator[list[Envelope]]:
         _collector.reset(token)
 
 
+# rows that belong to one request: what a batch reads for all its requests at once
+Owned = TypeVar("Owned", StoreTaskRow, ExportRow, NotificationRow)
+
+
 class Shared:
     """One transaction for the steps of a batch (`shared`): each step's units of work
     run in it, each inside its own savepoint, and it commits once at the end."""
@@ -41,6 +46,28 @@ class Shared:
         self.session = session
         self.wanted: list[outbox.Wanted] = []
         self.requests: list[RequestRow] = []
+        self._owned: dict[type[Any], dict[str, list[Any]]] = {}
+
+    def owned(self, model: type[Owned], request_id: str) -> list[Owned] | None:
+        """The `model` rows of a request this transaction holds: on first use, read for
+        every held request in one query, so a batch's steps ask the database once, not
+        once each. None for a request it does not hold (the caller asks the database).
+        The list is the batch's own: a step that adds a row appends it (`UnitOfWork.add`)."""
+        held = self.session.info.get(LOCKED, set())
+        if request_id not in held:
+            return None
+        by_request = self._owned.setdefault(model, {})
+        if request_id not in by_request:  # the first use, or a request held since
+            unread = sorted(held - by_request.keys())
+            by_request.update((rid, []) for rid in unread)
+            query = select(model).where(model.request_id.in_(unread))
+            for row in self.session.execute(query).scalars():
+                by_request[row.request_id].append(row)
+        return by_request[request_id]
+
+    def forget(self) -> None:
+        """A step was undone: what was read or added for the batch may be stale."""
+        self._owned.clear()
 
     def lock_requests(self, request_ids: list[str]) -> None:
         """Load and lock the batch's requests at once; `requests.load` then finds them."""
@@ -62,6 +89,7 @@ class Shared:
             yield
         except BaseException:
             savepoint.rollback()
+            self.forget()
             del self.wanted[wanted:]
             audit.restore_pending(self.session, entries)  # the earlier steps' entries
             raise
@@ -110,6 +138,22 @@ class UnitOfWork:
         self.session = self._scope.session if self._scope is not None else self.app.sessions()
         self._sent = []
         return self
+
+    def owned(self, model: type[Owned], request_id: str) -> list[Owned] | None:
+        """A request's `model` rows as its batch read them at once (`Shared.owned`), or
+        None outside a batch or for a request the batch does not hold."""
+        return self._scope.owned(model, request_id) if self._scope is not None else None
+
+    def add(self, row: Owned) -> None:
+        """Add a request's new row, to the batch's reads as well: written at the flush
+        that the commit (or the next query) makes, together with the batch's others;
+        outside a batch, at once (a constraint it breaks fails here, not at the commit)."""
+        self.session.add(row)
+        rows = self.owned(type(row), row.request_id)
+        if rows is not None:
+            rows.append(row)
+        else:
+            self.session.flush()
 
     def send(self, key: str, actor: str, queue: str, *args: Any) -> None:
         """Ask for a message, once per key; written to the outbox at commit."""
