@@ -419,6 +419,84 @@ def test_a_shared_batch_locks_its_requests_once_and_commits_once(app):
     assert len(selects_of_requests) < 4 * 2  # far fewer than a transaction per request
 
 
+def drain_until(app, actor: str) -> list[str]:
+    """Run the pipeline until only `actor`'s messages are left; their ids, not run."""
+    from pipeline import handlers
+
+    held: list[str] = []
+    while app.bus.queue:
+        envelope = app.bus.queue.popleft()
+        if envelope.actor == actor:
+            held.extend(outbox.as_ids(envelope.args[0]))
+        else:
+            handlers.handle(app, envelope.actor, *envelope.args)
+    return held
+
+
+@pytest.mark.parametrize("size", [2, 8])
+def test_a_shared_batch_reads_its_notifications_and_exports_once_whatever_its_size(app, size):
+    from sqlalchemy import event
+
+    from pipeline import handlers
+
+    with uow.collecting() as outgoing:
+        for n in range(size):
+            accept(app, presigned(app, "access", f"r-{n}"))
+    app.publisher.submit(outgoing)
+    ids = drain_until(app, topology.NOTIFY_ACTOR)
+    assert sorted(ids) == [f"r-{n}" for n in range(size)]
+    reads: list[str] = []
+
+    def count(conn, cursor, statement, *rest):
+        flat = " ".join(statement.split())
+        if flat.startswith("SELECT"):
+            reads.extend(t for t in ("notifications", "exports") if f"FROM {t}" in flat)
+
+    event.listen(app.engine, "before_cursor_execute", count)
+    try:
+        handlers.handle(app, topology.NOTIFY_ACTOR, ids)
+    finally:
+        event.remove(app.engine, "before_cursor_execute", count)
+    assert sorted(reads) == ["exports", "notifications"]  # once for the batch, any size
+    app.bus.drain()
+    assert [request_row(app, f"r-{n}").state for n in range(size)] == ["done"] * size
+    with app.sessions() as session:
+        outcomes = session.scalar(
+            select(func.count())
+            .select_from(NotificationRow)
+            .where(NotificationRow.event == "outcome")
+        )
+    assert outcomes == size
+
+
+def test_a_step_undone_in_a_batch_leaves_no_stale_rows_in_the_batch_reads(app):
+    from pipeline.requests import load, notify_person
+
+    for n in range(2):
+        accept(app, presigned(app, "opt_out", f"r-{n}"))
+    app.bus.queue.clear()
+    with uow.shared(app) as scope:
+        scope.lock_requests(["r-0", "r-1"])
+        with pytest.raises(UnknownRequest), scope.step(), UnitOfWork(app) as work:
+            request = load(work.session, "r-1")
+            notify_person(app, work, request, "extra", "acknowledgement", {"request_id": "x"})
+            assert [n.event for n in work.owned(NotificationRow, "r-1")] == [
+                "acknowledgement",
+                "extra",
+            ]
+            raise UnknownRequest("undone after it queued its mail")
+        # the batch's reads forgot the undone row: read again, they hold what is there
+        assert [n.event for n in scope.owned(NotificationRow, "r-1")] == ["acknowledgement"]
+        with scope.step(), UnitOfWork(app) as work:
+            request = load(work.session, "r-1")
+            assert notify_person(app, work, request, "extra", "acknowledgement", {}) is not None
+    with app.sessions() as session:
+        extra = session.scalars(
+            select(NotificationRow.request_id).where(NotificationRow.event == "extra")
+        ).all()
+    assert extra == ["r-1"]  # queued once: the undone one is gone, the second one stays
+
+
 # -- peers: a stage takes on the requests waiting for it ----------------------------------
 
 
