@@ -204,7 +204,7 @@ def _add(app: App, uow: UnitOfWork, item: _Valid, accepted: list[dict[str, Any]]
         updated_at=now,
     )
     session.add(request)
-    session.flush()
+    session.flush()  # the rows that refer to it go at the commit: the flush orders by mapper only
     session.add(
         TransitionRow(request_id=request.id, from_state=None, to_state=State.RECEIVED.value, at=now)
     )

@@ -146,14 +146,12 @@ class UnitOfWork:
 
     def add(self, row: Owned) -> None:
         """Add a request's new row, to the batch's reads as well: written at the flush
-        that the commit (or the next query) makes, together with the batch's others;
-        outside a batch, at once (a constraint it breaks fails here, not at the commit)."""
+        that the commit (or the next query) makes, together with the others; a unique
+        constraint it breaks (a concurrent delivery did the same) fails the commit."""
         self.session.add(row)
         rows = self.owned(type(row), row.request_id)
         if rows is not None:
             rows.append(row)
-        else:
-            self.session.flush()
 
     def send(self, key: str, actor: str, queue: str, *args: Any) -> None:
         """Ask for a message, once per key; written to the outbox at commit."""
