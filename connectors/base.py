@@ -5,14 +5,19 @@ the state database or the request's lifecycle, so a product team can write and t
 one against its own store alone. The pipeline calls each method from a worker thread;
 one call may block on the store without holding back the other stores, which run in
 their own messages.
+
+A store message carries a batch of requests. A connector MAY also implement `BatchReads`
+(`locate_many`, `export_many`) to read for the whole batch at once; the pipeline calls
+`locate_each` / `export_each`, which use it when present and else call `locate` /
+`export` once per person, so connectors without it keep working unchanged.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, TypeVar, runtime_checkable
 
 
 class Capability(enum.StrEnum):
@@ -221,6 +226,55 @@ class Connector(Protocol):
     def health(self) -> Health: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchReads(Protocol):
+    """Optional: a connector that reads for many people in one go (one query per table
+    for the batch instead of one per person).
+
+    Each method returns one result per identity, in the same order, each exactly what
+    `locate(identity)` / `export(identity)` would return for that identity alone, even
+    when two identities of the batch share records or are the same person. An error
+    fails the whole call; the pipeline then asks person by person.
+    """
+
+    def locate_many(self, identities: Sequence[Identity]) -> list[LocateResult]: ...
+
+    def export_many(self, identities: Sequence[Identity]) -> list[StoreExport]: ...
+
+
+def locate_each(connector: Connector, identities: Sequence[Identity]) -> list[LocateResult]:
+    """`locate` for every identity, in one batch call when the connector can."""
+    if not identities:
+        return []
+    if isinstance(connector, BatchReads):
+        return _one_each(connector, "locate_many", identities, connector.locate_many(identities))
+    return [connector.locate(identity) for identity in identities]
+
+
+def export_each(connector: Connector, identities: Sequence[Identity]) -> list[StoreExport]:
+    """`export` for every identity, in one batch call when the connector can."""
+    if not identities:
+        return []
+    if isinstance(connector, BatchReads):
+        return _one_each(connector, "export_many", identities, connector.export_many(identities))
+    return [connector.export(identity) for identity in identities]
+
+
+_R = TypeVar("_R")
+
+
+def _one_each(
+    connector: Connector, method: str, identities: Sequence[Identity], results: list[_R]
+) -> list[_R]:
+    # a result too many or too few would give one person another's data: refuse it
+    if len(results) != len(identities):
+        raise ConnectorError(
+            f"store {connector.name!r}: {method} returned {len(results)} result(s) "
+            f"for {len(identities)} people"
+        )
+    return results
 
 
 def iter_chunks(stream: BinaryIO, size: int = 64 * 1024) -> Iterator[bytes]:

@@ -44,6 +44,10 @@ so such rows are never exported, but they are removed (or their reference nulled
 `on_parent_erase = "null"`) before the person's row they depend on is deleted.
 Anonymizers: `email` (erased-<hash>@invalid.example), `hash` (erased-<hash>),
 `redact` ("[erased]") and `null`.
+
+Reads for a batch of people (`locate_many`, `export_many`, see `BatchReads`) cost what
+a read for one costs: one query per table and level (and `batch_size` values) for the
+whole batch, not one per person.
 """
 
 from __future__ import annotations
@@ -587,6 +591,20 @@ class _Found:
         return {pk: row for pk, row in self.rows.get(table, {}).items() if pk not in hidden}
 
 
+@dataclass
+class _Lookup:
+    """Who in a batch looks for which values of one column (or expression) of a table."""
+
+    column: Any  # what the database compares: a column, or lower(trim(email))
+    wanted: dict[Any, list[int]] = field(default_factory=dict)  # value -> people (batch positions)
+
+    def add(self, value: Any, person: int) -> None:
+        self.wanted.setdefault(value, []).append(person)
+
+    def of(self, person: int) -> _Lookup:
+        return _Lookup(self.column, {v: [person] for v, ns in self.wanted.items() if person in ns})
+
+
 # --------------------------------------------------------------------------- connector
 
 
@@ -769,64 +787,176 @@ class SqlConnector:
         return rows
 
     def _collect(self, conn: Connection, identity: Identity) -> _Found:
-        """The person's rows: identity matches, then owner references to any depth.
+        """The person's rows (a batch of one, see `_collect_many`)."""
+        return self._collect_many(conn, [identity])[0]
 
-        One query per table and level (batched `IN`), never one per row.
+    def _collect_many(self, conn: Connection, identities: Sequence[Identity]) -> list[_Found]:
+        """Each person's rows: identity matches, then owner references to any depth.
+
+        The batch is read together: one query per table and level (batched `IN`) for all
+        the people at once, never one per person or per row. Each person's rows are
+        gathered level by level exactly as if they were read alone, so a row that two
+        people of the batch reach is in both their results, with the `via` each took.
         """
         tables = self.mapping.tables
-        found = _Found(defaultdict(dict), defaultdict(dict), defaultdict(set), None)
-        frontier: dict[str, set[Any]] = defaultdict(set)
-        email = normalize_email(identity.email) if identity.email else ""
-        product_id = identity.product_ids.get(self.name)
+        found = [
+            _Found(defaultdict(dict), defaultdict(dict), defaultdict(set), None) for _ in identities
+        ]
+        frontiers: list[dict[str, set[Any]]] = [defaultdict(set) for _ in identities]
+        emails = [normalize_email(i.email) if i.email else "" for i in identities]
+        product_ids = [i.product_ids.get(self.name) for i in identities]
         for tm in tables.values():
             if not tm.is_identity:
                 continue
             t = self._tables[tm.name]
-            conditions = []
-            if tm.email_column and email:
-                conditions.append(sa.func.lower(sa.func.trim(t.c[tm.email_column])) == email)
-            if tm.user_id_column and product_id:
-                typed = _typed_id(t.c[tm.user_id_column], product_id)
-                if typed is not None:
-                    conditions.append(t.c[tm.user_id_column] == typed)
-            if not conditions:
-                continue
-            for row in self._select(conn, tm.name, sa.or_(*conditions)):
-                pk = row[tm.primary_key]
-                found.rows[tm.name][pk] = row
-                found.via[tm.name][pk] = "identity"
-                frontier[tm.name].add(pk)
-                if (
-                    tm.strategy == "anonymize"
-                    and tm.email_column
-                    and ANONYMIZED_EMAIL.match(str(row.get(tm.email_column) or ""))
-                ):
-                    found.hidden[tm.name].add(pk)
-                elif found.user_id is None and tm.user_id_column:
-                    found.user_id = str(row[tm.user_id_column])
-        while frontier:
-            next_frontier: dict[str, set[Any]] = defaultdict(set)
+            lookups: list[_Lookup] = []
+            if tm.email_column:
+                by_email = _Lookup(sa.func.lower(sa.func.trim(t.c[tm.email_column])))
+                for n, email in enumerate(emails):
+                    if email:
+                        by_email.add(email, n)
+                lookups.append(by_email)
+            if tm.user_id_column:
+                id_column = t.c[tm.user_id_column]
+                by_id = _Lookup(id_column)
+                for n, product_id in enumerate(product_ids):
+                    typed = _typed_id(id_column, product_id) if product_id else None
+                    if typed is not None:
+                        by_id.add(typed, n)
+                lookups.append(by_id)
+            for n, rows in self._select_for(conn, tm.name, lookups).items():
+                person, frontier = found[n], frontiers[n]
+                # in key order, so the row that names the user id never depends on the plan
+                for pk in sorted(rows, key=_sort_key):
+                    row = rows[pk]
+                    person.rows[tm.name][pk] = row
+                    person.via[tm.name][pk] = "identity"
+                    frontier[tm.name].add(pk)
+                    if (
+                        tm.strategy == "anonymize"
+                        and tm.email_column
+                        and ANONYMIZED_EMAIL.match(str(row.get(tm.email_column) or ""))
+                    ):
+                        person.hidden[tm.name].add(pk)
+                    elif person.user_id is None and tm.user_id_column:
+                        person.user_id = str(row[tm.user_id_column])
+        while any(frontiers):
+            next_frontiers: list[dict[str, set[Any]]] = [defaultdict(set) for _ in identities]
             for tm in tables.values():
                 for ref in tm.owner_references:
-                    parents = frontier.get(ref.target_table)
-                    if not parents:
-                        continue
-                    parent_rows = found.rows[ref.target_table]
-                    values = {parent_rows[pk][ref.target_column] for pk in parents} - {None}
-                    for row in self._select_in(conn, tm.name, ref.column, values):
-                        pk = row[tm.primary_key]
-                        if pk not in found.rows[tm.name]:
-                            found.rows[tm.name][pk] = row
-                            found.via[tm.name][pk] = ref.label
-                            next_frontier[tm.name].add(pk)
-            frontier = next_frontier
+                    parents = _Lookup(self._tables[tm.name].c[ref.column])
+                    for n, frontier in enumerate(frontiers):
+                        keys = frontier.get(ref.target_table)
+                        if not keys:
+                            continue
+                        parent_rows = found[n].rows[ref.target_table]
+                        for value in {parent_rows[pk][ref.target_column] for pk in keys} - {None}:
+                            parents.add(value, n)
+                    for n, rows in self._select_for(conn, tm.name, [parents]).items():
+                        person, mine = found[n], found[n].rows[tm.name]
+                        for pk, row in rows.items():
+                            if pk not in mine:
+                                mine[pk] = row
+                                person.via[tm.name][pk] = ref.label
+                                next_frontiers[n][tm.name].add(pk)
+            frontiers = next_frontiers
         return found
+
+    def _select_for(
+        self, conn: Connection, table: str, lookups: Sequence[_Lookup]
+    ) -> dict[int, dict[Any, Row]]:
+        """The rows of `table` each person of a batch looks for: person -> key -> row.
+
+        One query per `batch_size` values for the whole batch. Each row comes back with
+        the values the database compared, which say whose it is (everyone who asked for
+        one of them). A row matched on a value nobody asked for as such (a text id
+        compared with a number, a lenient collation) has the table read person by
+        person instead, so a batch never finds less than its people would alone.
+        """
+        lookups = [lk for lk in lookups if lk.wanted]
+        people = sorted({n for lk in lookups for ns in lk.wanted.values() for n in ns})
+        if not people:
+            return {}
+        tm = self.mapping.tables[table]
+        t = self._tables[table]
+        names = tm.all_columns
+        width = len(names)
+        columns = [
+            *(t.c[c] for c in names),
+            *(lk.column.label(f"_lookup_{i}") for i, lk in enumerate(lookups)),
+        ]
+        chunks = [
+            list(batched(sorted(lk.wanted, key=_sort_key), self.batch_size)) for lk in lookups
+        ]
+        alone = people[0] if len(people) == 1 else None
+        found: dict[int, dict[Any, Row]] = {n: {} for n in people}
+        for i in range(max(len(c) for c in chunks)):
+            where = sa.or_(
+                *(lk.column.in_(c[i]) for lk, c in zip(lookups, chunks, strict=True) if i < len(c))
+            )
+            for record in conn.execute(sa.select(*columns).where(where)):
+                row = dict(zip(names, record[:width], strict=True))
+                if alone is not None:
+                    owners = [alone]
+                else:
+                    owners = [
+                        n
+                        for lk, value in zip(lookups, record[width:], strict=True)
+                        for n in lk.wanted.get(value, ())
+                    ]
+                    if not owners:
+                        return {n: self._select_one(conn, table, lookups, n) for n in people}
+                pk = row[tm.primary_key]
+                for n in owners:
+                    found[n][pk] = row
+        return found
+
+    def _select_one(
+        self, conn: Connection, table: str, lookups: Sequence[_Lookup], person: int
+    ) -> dict[Any, Row]:
+        """What one person of a batch looks for in `table`, asked for them alone."""
+        theirs = [lk.of(person) for lk in lookups]
+        return self._select_for(conn, table, theirs).get(person, {})
 
     # ------------------------------------------------------------- contract
 
     def locate(self, identity: Identity) -> LocateResult:
+        return self.locate_many([identity])[0]
+
+    def export(self, identity: Identity) -> StoreExport:
+        return self.export_many([identity])[0]
+
+    def locate_many(self, identities: Sequence[Identity]) -> list[LocateResult]:
+        """`locate` for a batch of people, read in one transaction (`BatchReads`)."""
+        if not identities:
+            return []
         with self._transaction() as conn:
-            found = self._collect(conn, identity)
+            found = self._collect_many(conn, identities)
+        results = [self._located(person) for person in found]
+        log.info(
+            "store_located",
+            store=self.name,
+            people=len(results),
+            records=sum(len(r.records) for r in results),
+        )
+        return results
+
+    def export_many(self, identities: Sequence[Identity]) -> list[StoreExport]:
+        """`export` for a batch of people, read in one transaction (`BatchReads`)."""
+        if not identities:
+            return []
+        with self._transaction() as conn:
+            found = self._collect_many(conn, identities)
+        results = [self._exported(person) for person in found]
+        log.info(
+            "store_exported",
+            store=self.name,
+            people=len(results),
+            tables=sum(len(r.records) for r in results),
+        )
+        return results
+
+    def _located(self, found: _Found) -> LocateResult:
         records: list[RecordRef] = []
         for tm in self.mapping.tables.values():
             visible = found.visible(tm.name)
@@ -840,12 +970,11 @@ class SqlConnector:
                     )
                 )
         discovered = {self.name: found.user_id} if found.user_id else {}
-        log.info("store_located", store=self.name, records=len(records))
         return LocateResult(store=self.name, records=tuple(records), discovered_ids=discovered)
 
-    def export(self, identity: Identity) -> StoreExport:
-        with self._transaction() as conn:
-            found = self._collect(conn, identity)
+    def _exported(self, found: _Found) -> StoreExport:
+        """The person's visible rows, secrets left out and references to other people's
+        identity rows (not among the person's own) redacted."""
         tables = self.mapping.tables
         own_values: dict[tuple[str, str], set[Any]] = {}
         for tm in tables.values():
@@ -880,7 +1009,6 @@ class SqlConnector:
                         item[column] = json_safe(value)
                 out.append(item)
             records[tm.name] = out
-        log.info("store_exported", store=self.name, tables=len(records))
         return StoreExport(store=self.name, records=records)
 
     def correct(self, identity: Identity, corrections: tuple[Correction, ...]) -> CorrectionResult:

@@ -4,7 +4,8 @@ A connector passes when, for a person seeded in its store next to a look-alike (
 name, other email), it finds all of the person's records and none of the look-alike's,
 exports only the person's data and never a secret, shows a correction on re-export,
 erases idempotently leaving nothing erasable but what the law keeps, refuses what it
-does not declare, and never writes an identity into the logs::
+does not declare, never writes an identity into the logs, and, if it reads for many
+people at once (`BatchReads`), answers for each of a batch as for them alone::
 
     from connectors.testing import ConnectorContract, Scenario
 
@@ -44,6 +45,7 @@ import pytest
 import structlog
 
 from connectors.base import (
+    BatchReads,
     Capability,
     Connector,
     Correction,
@@ -322,6 +324,56 @@ def check_opt_out(s: Scenario) -> None:
     assert refs(c.locate(who)) == refs(found), "opt-out changed which records the person has"
 
 
+def _export_facts(export: StoreExport) -> tuple[Any, ...]:
+    """What an export holds, comparable across calls (attachments by name and size)."""
+    return (export.store, export.records, [(a.name, a.size) for a in export.attachments])
+
+
+def check_batch_reads(s: Scenario) -> None:
+    """A connector that reads for many people at once (`BatchReads`) answers for each
+    exactly as it does alone, in order: with the look-alike, an unknown person, the
+    person with and without discovered ids, and the same person twice in one batch."""
+    c = s.connector
+    if not isinstance(c, BatchReads):
+        return
+    found = c.locate(s.person)
+    batch = [
+        s.person,
+        s.lookalike,
+        Identity("nobody.kit@example.invalid"),
+        with_discovered(s.person, found),
+        s.person,
+    ]
+    assert c.locate_many([]) == [], "locate_many([]) is not an empty list"
+    many = c.locate_many(batch)
+    assert len(many) == len(batch), f"locate_many gave {len(many)} results for {len(batch)} people"
+    for n, (who, got) in enumerate(zip(batch, many, strict=True)):
+        alone = c.locate(who)
+        assert got == alone, (
+            f"locate_many's result {n} differs from locate() for that person alone: "
+            f"{sorted(refs(got) ^ refs(alone))[:10]} (records), discovered ids "
+            f"{'differ' if got.discovered_ids != alone.discovered_ids else 'agree'}"
+        )
+    if Capability.EXPORT not in c.capabilities:
+        return
+    assert c.export_many([]) == [], "export_many([]) is not an empty list"
+    exports = c.export_many(batch)
+    assert len(exports) == len(batch), (
+        f"export_many gave {len(exports)} results for {len(batch)} people"
+    )
+    for n, (who, export) in enumerate(zip(batch, exports, strict=True)):
+        own = c.export(who)
+        differing = sorted(
+            k
+            for k in {*export.records, *own.records}
+            if export.records.get(k) != own.records.get(k)
+        )
+        assert _export_facts(export) == _export_facts(own), (
+            f"export_many's result {n} differs from export() for that person alone "
+            f"(collections {differing})"
+        )
+
+
 def _call(c: Connector, capability: Capability, who: Identity, s: Scenario) -> Any:
     if capability is Capability.EXPORT:
         return c.export(who)
@@ -417,6 +469,7 @@ ALL_CHECKS: tuple[Callable[[Scenario], None], ...] = (
     check_erase,
     check_opt_out,
     check_unsupported_actions,
+    check_batch_reads,
 )
 
 
@@ -464,6 +517,9 @@ class ConnectorContract:
     def test_undeclared_actions_raise_unsupported_action(self, scenario: Scenario) -> None:
         check_unsupported_actions(scenario)
 
+    def test_a_batch_read_answers_for_each_person_as_alone(self, scenario: Scenario) -> None:
+        check_batch_reads(scenario)
+
     def test_no_identity_appears_in_the_logs(
         self, scenario: Scenario, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -481,6 +537,7 @@ __all__ = [
     "ConnectorContract",
     "DEFAULT_CORRECTIONS",
     "Scenario",
+    "check_batch_reads",
     "check_correction",
     "check_erase",
     "check_export",

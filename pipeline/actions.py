@@ -14,14 +14,24 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import select
 
-from connectors.base import Capability, Connector, Correction, Identity, InvalidCorrection
+from connectors.base import (
+    Capability,
+    Connector,
+    Correction,
+    Identity,
+    InvalidCorrection,
+    LocateResult,
+    StoreExport,
+    export_each,
+    locate_each,
+)
 from pipeline import archive, audit, batch, policy, topology
 from pipeline.db import CaseRow, ExportRow, RequestRow, utcnow
 from pipeline.errors import PermanentError, RetryLater
@@ -29,7 +39,15 @@ from pipeline.outbox import as_ids
 from pipeline.requests import advance, load, payload_of
 from pipeline.states import RequestType, State
 from pipeline.suppression import suppress
-from pipeline.tasks import TaskOutcome, ensure_task, run_store_tasks, tasks_of
+from pipeline.tasks import (
+    StoreCall,
+    StoreWork,
+    TaskOutcome,
+    ensure_task,
+    one_by_one,
+    run_store_tasks,
+    tasks_of,
+)
 from pipeline.uow import UnitOfWork
 
 if TYPE_CHECKING:
@@ -126,13 +144,39 @@ def _open_case(app: App, uow: UnitOfWork, request: RequestRow) -> None:
     )
 
 
-def _act(app: App) -> Any:
-    def work(connector: Connector, identity: Identity, request: RequestRow) -> TaskOutcome:
+def _act(app: App) -> StoreWork:
+    """The access requests' exports in one read if the store can, each written as its
+    part of the archive; every other request on its own."""
+    act_alone = one_by_one(_act_on_one(app))
+
+    def work(connector: Connector, calls: Sequence[StoreCall]) -> list[TaskOutcome | Exception]:
+        access = [i for i, (_, r) in enumerate(calls) if r.type == RequestType.ACCESS.value]
+        others = [i for i, (_, r) in enumerate(calls) if r.type != RequestType.ACCESS.value]
+        outcomes: dict[int, TaskOutcome | Exception] = {}
+        # The exports first: should the read fail as a whole (and the calls be run again
+        # one by one), no correction or erasure of the batch has been made yet.
+        exports = export_each(connector, [calls[i][0] for i in access])
+        for i, export in zip(access, exports, strict=True):
+            outcomes[i] = _write_part(app, calls[i][1], export)
+        for i, outcome in zip(
+            others, act_alone(connector, [calls[i] for i in others]), strict=True
+        ):
+            outcomes[i] = outcome
+        return [outcomes[i] for i in range(len(calls))]
+
+    return work
+
+
+def _write_part(app: App, request: RequestRow, export: StoreExport) -> TaskOutcome | Exception:
+    try:
+        return TaskOutcome(result=archive.write_part(app, request.id, export))
+    except Exception as exc:  # this request's part only: the others' stand
+        return exc
+
+
+def _act_on_one(app: App) -> Callable[[Connector, Identity, RequestRow], TaskOutcome]:
+    def step(connector: Connector, identity: Identity, request: RequestRow) -> TaskOutcome:
         kind = RequestType(request.type)
-        if kind is RequestType.ACCESS:
-            export = connector.export(identity)
-            written = archive.write_part(app, request.id, export)
-            return TaskOutcome(result=written)
         if kind is RequestType.CORRECT:
             wanted = tuple(Correction(f, v) for f, v in payload_of(app, request)["corrections"])
             try:
@@ -183,7 +227,7 @@ def _act(app: App) -> Any:
         opted = connector.opt_out(identity)
         return TaskOutcome(result={"updated": opted.updated})
 
-    return work
+    return step
 
 
 def _all_acted(uow: UnitOfWork, request: RequestRow) -> None:
@@ -194,8 +238,13 @@ def act_on_store(app: App, request_ids: str | Sequence[str], store: str) -> None
     run_store_tasks(app, as_ids(request_ids), store, "act", _act(app), _all_acted)
 
 
-def _recheck(connector: Connector, identity: Identity, request: RequestRow) -> TaskOutcome:
-    found = connector.locate(identity)
+def _recheck(connector: Connector, calls: Sequence[StoreCall]) -> list[TaskOutcome | Exception]:
+    """Locate again after the erasure (in one read if the store can): anything erasable
+    left fails the task for good."""
+    return [_rechecked(found) for found in locate_each(connector, [who for who, _ in calls])]
+
+
+def _rechecked(found: LocateResult) -> TaskOutcome:
     remaining = len(found.erasable)
     if remaining:
         return TaskOutcome(

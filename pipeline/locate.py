@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from connectors.base import Connector, Identity
+from connectors.base import Connector, LocateResult, locate_each
 from pipeline import topology
 from pipeline.db import RequestRow
 from pipeline.outbox import as_ids
 from pipeline.requests import advance, load
 from pipeline.states import State
-from pipeline.tasks import TaskOutcome, ensure_task, run_store_tasks
+from pipeline.tasks import StoreCall, TaskOutcome, ensure_task, run_store_tasks
 from pipeline.uow import UnitOfWork
 
 if TYPE_CHECKING:
@@ -50,8 +50,12 @@ def locate_request(app: App, request_id: str) -> None:
             )
 
 
-def _locate(connector: Connector, identity: Identity, request: RequestRow) -> TaskOutcome:
-    found = connector.locate(identity)
+def _locate(connector: Connector, calls: Sequence[StoreCall]) -> list[TaskOutcome | Exception]:
+    """Locate every request's person of the batch (in one read if the store can)."""
+    return [_located(found) for found in locate_each(connector, [who for who, _ in calls])]
+
+
+def _located(found: LocateResult) -> TaskOutcome:
     collections: dict[str, int] = {}
     for ref in found.records:
         collections[ref.collection] = collections.get(ref.collection, 0) + 1

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from sqlalchemy import select
 
-from connectors.base import Connector, ConnectorError, Identity
+from connectors.base import BatchReads, Connector, ConnectorError, Identity
 from pipeline import audit
 from pipeline.db import RequestRow, StoreTaskRow, utcnow
 from pipeline.errors import RetryLater, StoreFailed, UnknownRequest
@@ -45,6 +45,29 @@ class TaskOutcome:
     detail: Any = None  # anything holding personal data: stored encrypted
     failed_for_good: str | None = None  # a verified problem that retrying cannot fix
     events: tuple[tuple[str, dict[str, Any]], ...] = ()  # audit entries (PII-free details)
+
+
+StoreCall = tuple[Identity, RequestRow]  # who, and the request asking
+# What a phase does in a store for a batch of calls: one outcome, or the exception that
+# call raised, per call and in order. Raising fails the batch: each call is then retried
+# alone (see `_call_store`).
+StoreWork = Callable[[Connector, Sequence[StoreCall]], list[TaskOutcome | Exception]]
+
+
+def one_by_one(step: Callable[[Connector, Identity, RequestRow], TaskOutcome]) -> StoreWork:
+    """A per-request step as store work: each call made alone, and what it raises is its
+    own outcome, so one request's failure is never another's."""
+
+    def work(connector: Connector, calls: Sequence[StoreCall]) -> list[TaskOutcome | Exception]:
+        outcomes: list[TaskOutcome | Exception] = []
+        for identity, request in calls:
+            try:
+                outcomes.append(step(connector, identity, request))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    return work
 
 
 PHASE_STATE = {"locate": State.LOCATING, "act": State.ACTING, "recheck": State.ACTING}
@@ -133,6 +156,48 @@ class _Call:
     duration_ms: int = 0
 
 
+def _call_store(
+    connector: Connector, work: StoreWork, calls: Sequence[_Call], store: str, phase: str
+) -> None:
+    """Run `work` for the calls in one go and keep each call's outcome or error; if it
+    fails as a whole, run each call alone, so one bad request cannot fail the others."""
+    started = time.monotonic()
+    try:
+        outcomes = work(connector, [(c.identity, c.snapshot) for c in calls])
+        if len(outcomes) != len(calls):
+            raise RuntimeError(f"{len(outcomes)} outcome(s) for {len(calls)} call(s)")
+    except Exception as exc:
+        if len(calls) > 1:
+            log.warning(
+                "store_batch_failed",
+                store=store,
+                phase=phase,
+                calls=len(calls),
+                error=describe(exc),
+            )
+            for call in calls:
+                _call_store(connector, work, [call], store, phase)
+            return
+        outcomes = [exc]
+    # The time of a call made for several requests is divided evenly among them: each task
+    # is charged its share, so the durations of a store's tasks add up to its busy time.
+    share = round((time.monotonic() - started) * 1000 / len(calls))
+    for call, outcome in zip(calls, outcomes, strict=True):
+        call.duration_ms = share
+        if isinstance(outcome, Exception):
+            call.error = describe(outcome)
+            log.warning(
+                "store_task_errored",
+                request_id=call.request_id,
+                store=store,
+                phase=phase,
+                attempt=call.attempt,
+                error=call.error,
+            )
+        else:
+            call.outcome = outcome
+
+
 def _by_id(uow: UnitOfWork, request_ids: Sequence[str]) -> dict[str, RequestRow]:
     return {r.id: r for r in lock_all(uow.session, request_ids)}
 
@@ -176,12 +241,13 @@ def run_store_tasks(
     request_ids: Sequence[str],
     store: str,
     phase: str,
-    work: Callable[[Connector, Identity, RequestRow], TaskOutcome],
+    work: StoreWork,
     on_all_done: Callable[[UnitOfWork, RequestRow], None],
 ) -> None:
     """One store's task for a batch of requests: claim them in one transaction, call the
-    connector for each outside any transaction, record every outcome and move on the
-    requests whose last task this was in one more. A request that is unknown, not in
+    connector outside any transaction (for the whole batch at once if it reads in
+    batches, else for each request), record every outcome and move on the requests
+    whose last task this was in one more. A request that is unknown, not in
     the phase's state, or whose task is done or absent is skipped (a stray or repeated
     message). Raises `StoreRetry` with the shortest delay when a call failed and may be
     tried again: the message comes back, and the requests already recorded skip it."""
@@ -223,36 +289,29 @@ def run_store_tasks(
                 app, request, discovered.get(request.id) if phase != "locate" else None
             )
             calls.append(_Call(request.id, attempt, identity, request))
-    connector = app.connectors.get(store)
-    for call in calls:
-        log.info(
-            "store_task_started",
-            request_id=call.request_id,
-            store=store,
-            phase=phase,
-            attempt=call.attempt,
-        )
-        started = time.monotonic()
-        if connector is None:
-            call.outcome = TaskOutcome(
-                {}, failed_for_good=f"store {store!r} is not configured any more"
-            )
-        else:
-            try:
-                call.outcome = work(connector, call.identity, call.snapshot)
-            except Exception as exc:
-                call.error = describe(exc)
-                log.warning(
-                    "store_task_errored",
-                    request_id=call.request_id,
-                    store=store,
-                    phase=phase,
-                    attempt=call.attempt,
-                    error=call.error,
-                )
-        call.duration_ms = round((time.monotonic() - started) * 1000)
     if not calls:
         return
+    connector = app.connectors.get(store)
+    # A store that reads in batches gets the whole batch in one call; any other store one
+    # call at a time, as before (a loop failing half way would have the first calls made
+    # twice).
+    together = isinstance(connector, BatchReads)
+    for group in [calls] if together else [[call] for call in calls]:
+        for call in group:
+            log.info(
+                "store_task_started",
+                request_id=call.request_id,
+                store=store,
+                phase=phase,
+                attempt=call.attempt,
+            )
+        if connector is None:
+            for call in group:
+                call.outcome = TaskOutcome(
+                    {}, failed_for_good=f"store {store!r} is not configured any more"
+                )
+        else:
+            _call_store(connector, work, group, store, phase)
     retry: StoreRetry | None = None
     with UnitOfWork(app) as uow:
         called = [c.request_id for c in calls]

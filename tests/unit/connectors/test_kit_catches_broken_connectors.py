@@ -4,6 +4,7 @@ broken variant of the reference connector makes the matching check raise."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from connectors.base import (
 )
 from connectors.memory import MemoryConnector
 from connectors.testing import (
+    check_batch_reads,
     check_correction,
     check_erase,
     check_export,
@@ -121,6 +123,38 @@ class OptsOutEveryTime(MemoryConnector):
         return result
 
 
+class BatchReadsSharingEveryonesRecords(MemoryConnector):
+    """Reads a batch at once, but gives each person the records of the whole batch."""
+
+    def locate_many(self, identities: Sequence[Identity]) -> list[LocateResult]:
+        alone = [self.locate(i) for i in identities]
+        every = tuple(dict.fromkeys(r for found in alone for r in found.records))
+        return [LocateResult(f.store, every, f.discovered_ids) for f in alone]
+
+    def export_many(self, identities: Sequence[Identity]) -> list[StoreExport]:
+        return [self.export(i) for i in identities]
+
+
+class BatchExportsInReverse(MemoryConnector):
+    """Reads a batch at once, but answers in the wrong order."""
+
+    def locate_many(self, identities: Sequence[Identity]) -> list[LocateResult]:
+        return [self.locate(i) for i in identities]
+
+    def export_many(self, identities: Sequence[Identity]) -> list[StoreExport]:
+        return [self.export(i) for i in reversed(identities)]
+
+
+class BatchReadsDone(MemoryConnector):
+    """Reads a batch by asking for each person in turn: slow, but right."""
+
+    def locate_many(self, identities: Sequence[Identity]) -> list[LocateResult]:
+        return [self.locate(i) for i in identities]
+
+    def export_many(self, identities: Sequence[Identity]) -> list[StoreExport]:
+        return [self.export(i) for i in identities]
+
+
 def test_the_reference_connector_passes_every_check(caplog: pytest.LogCaptureFixture) -> None:
     for check in (
         check_metadata,
@@ -130,8 +164,10 @@ def test_the_reference_connector_passes_every_check(caplog: pytest.LogCaptureFix
         check_erase,
         check_opt_out,
         check_unsupported_actions,
+        check_batch_reads,
     ):
         check(memory_scenario(seeded_memory()))
+    check_batch_reads(memory_scenario(seeded_memory(BatchReadsDone)))
     check_no_identity_in_logs(memory_scenario(seeded_memory()), caplog)
 
 
@@ -211,3 +247,14 @@ def test_missing_facts_for_a_located_collection_fail_the_metadata_check() -> Non
     )
     with pytest.raises(AssertionError, match=r"no Art. 15 facts for collection\(s\) \['notes'\]"):
         check_metadata(memory_scenario(store))
+
+
+def test_a_batch_read_giving_someone_the_records_of_the_others_fails_the_batch_check() -> None:
+    shared = r"locate_many's result 0 differs .*\('people', 'crm-twin-0002'\)"
+    with pytest.raises(AssertionError, match=shared):
+        check_batch_reads(memory_scenario(seeded_memory(BatchReadsSharingEveryonesRecords)))
+
+
+def test_a_batch_read_answering_out_of_order_fails_the_batch_check() -> None:
+    with pytest.raises(AssertionError, match="export_many's result 1 differs"):
+        check_batch_reads(memory_scenario(seeded_memory(BatchExportsInReverse)))
