@@ -311,6 +311,9 @@ def _finish(app: App, request_id: str, archives: dict[str, list[str]]) -> None:
 
 
 def _has_export(uow: UnitOfWork, request_id: str) -> bool:
+    batch = uow.owned(ExportRow, request_id)
+    if batch is not None:  # read with the batch's other requests' exports
+        return bool(batch)
     found = uow.session.execute(
         select(ExportRow.id).where(ExportRow.request_id == request_id).limit(1)
     ).first()
@@ -324,7 +327,7 @@ def _record_export(app: App, request_id: str, built: archive.BuiltArchive, store
             return
         if not _has_export(uow, request_id):
             now = utcnow()
-            uow.session.add(
+            uow.add(
                 ExportRow(
                     id=str(uuid.uuid4()),
                     request_id=request_id,

@@ -89,6 +89,9 @@ def backoff_ms(app: App, attempt: int) -> int:
 
 
 def find_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> StoreTaskRow | None:
+    batch = uow.owned(StoreTaskRow, request_id)
+    if batch is not None:  # read with the batch's other requests' tasks (`Shared.owned`)
+        return next((t for t in batch if t.store == store and t.phase == phase), None)
     return uow.session.execute(
         select(StoreTaskRow).where(
             StoreTaskRow.request_id == request_id,
@@ -104,12 +107,14 @@ def ensure_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> Sto
         task = StoreTaskRow(
             request_id=request_id, store=store, phase=phase, status="pending", attempts=0
         )
-        uow.session.add(task)
-        uow.session.flush()
+        uow.add(task)
     return task
 
 
 def tasks_of(uow: UnitOfWork, request_id: str, phase: str) -> list[StoreTaskRow]:
+    batch = uow.owned(StoreTaskRow, request_id)
+    if batch is not None:
+        return sorted((t for t in batch if t.phase == phase), key=lambda t: t.store)
     return list(
         uow.session.execute(
             select(StoreTaskRow)
