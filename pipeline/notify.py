@@ -242,7 +242,9 @@ def _claim(app: App, ids: list[str]) -> tuple[list[_Outgoing], list[str]]:
     outgoing: list[_Outgoing] = []
     with UnitOfWork(app) as uow:
         query = select(NotificationRow).where(NotificationRow.id.in_(ids))
-        notes = uow.session.execute(_in_id_order(uow.session, query)).scalars().all()
+        notes = list(uow.session.execute(_in_id_order(uow.session, query)).scalars())
+        found = {note.id for note in notes}
+        notes += _waiting(uow.session, found, SEND_MAX - len(notes))
         ring = app.keys.ring
         for note in notes:
             if note.status == "sent":
@@ -270,8 +272,33 @@ def _claim(app: App, ids: list[str]) -> tuple[list[_Outgoing], list[str]]:
                     attempts=NotificationRow.attempts + 1,
                 )
             )
-        found = {note.id for note in notes}
     return outgoing, [i for i in ids if i not in found]
+
+
+SEND_MAX = 50  # mails one send_email message sends, its own and those it takes on
+
+
+def _waiting(session: Session, taken: set[str], room: int) -> list[NotificationRow]:
+    """Mails never tried that wait for their sender, oldest first, to send with the
+    batch: under load the acknowledgements of requests accepted one by one pile up as
+    messages of one mail each, and the first sender takes them all on. Their own messages
+    then find them sent, or leased (`_claim`). Rows another sender holds are skipped,
+    never waited for; a mail the server refused (attempts > 0) waits for its own retry."""
+    if room <= 0:
+        return []
+    query = (
+        select(NotificationRow)
+        .where(
+            NotificationRow.status == "pending",
+            NotificationRow.attempts == 0,
+            NotificationRow.id.notin_(taken),
+        )
+        .order_by(NotificationRow.created_at)
+        .limit(room)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.execute(query).scalars())
 
 
 def _record_sent(

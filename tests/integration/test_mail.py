@@ -365,14 +365,18 @@ def mail_app(state_url, tmp_path, sink):
 
 def test_a_batch_of_emails_goes_out_once_each_for_the_same_statements_however_large(mail_app, sink):
     app = mail_app
-    notes = queued_emails(app, 12)
+    first = queued_emails(app, 2)  # all that waits: a sender takes on waiting mails too
+    small = statements_of(app, lambda: send_batch(app, [n.id for n in first]))
+    for n in range(2, 12):
+        accept(app, document("access", f"r-{n}"))
+    notes = notifications(app)
     ids = [n.id for n in notes]
-    small = statements_of(app, lambda: send_batch(app, ids[:2]))
     large = statements_of(app, lambda: send_batch(app, ids[2:]))
-    # the claim (SELECT, UPDATE) and the record (SELECT, UPDATE, the audit chain's lock
-    # and head), with a BEGIN IMMEDIATE each on SQLite: the same for 2 mails as for 10
+    # the claim (SELECT, the mails waiting, UPDATE) and the record (SELECT, UPDATE, the
+    # audit chain's lock and head), with a BEGIN IMMEDIATE each on SQLite: the same for
+    # 2 mails as for 10
     assert kinds(small) == kinds(large)
-    assert len(kinds(large)) <= 7, large
+    assert len(kinds(large)) <= 8, large
     # the audit entries: one INSERT (executemany) for the batch
     assert audit_inserts(small) == audit_inserts(large) == 1
     assert received(sink) == sorted(n.message_id for n in notes)
@@ -382,6 +386,51 @@ def test_a_batch_of_emails_goes_out_once_each_for_the_same_statements_however_la
             row = session.get(NotificationRow, note.id)
             assert row.claimed_until is None and row.sent_at is not None
     assert audited_as_sent(app) == sorted(ids)
+
+
+def test_a_sender_takes_on_the_mails_waiting_for_their_own_messages(mail_app, sink):
+    app = mail_app
+    notes = queued_emails(app, 5)
+    send_batch(app, [notes[0].id])  # one mail's message: the four waiting go with it
+    assert received(sink) == sorted(n.message_id for n in notes)
+    assert set(rows(app, notes).values()) == {("sent", 1)}
+    for note in notes[1:]:  # their own messages come later and find them sent
+        send_batch(app, [note.id])
+    assert received(sink) == sorted(n.message_id for n in notes)  # each once
+    assert audited_as_sent(app) == sorted(n.id for n in notes)
+
+
+def test_a_mail_the_server_refused_is_not_taken_on_but_waits_for_its_own_retry(mail_app, sink):
+    app = mail_app
+    refused, waiting = queued_emails(app, 2)
+    with app.sessions.begin() as session:  # put back after a refusal, as _record_sent does
+        row = session.get(NotificationRow, refused.id)
+        row.attempts, row.last_error = 1, "mail server refused"
+    send_batch(app, [waiting.id])
+    assert received(sink) == [waiting.message_id]
+    assert rows(app, [refused])[refused.id] == ("pending", 1)
+    send_batch(app, [refused.id])  # its own retry
+    assert received(sink) == sorted([waiting.message_id, refused.message_id])
+
+
+def test_a_waiting_mail_another_sender_holds_is_skipped_not_waited_for(tmp_path, sink):
+    """PostgreSQL's row locks (SQLite runs one writing transaction at a time)."""
+    from tests.conftest import state_database
+
+    with state_database("postgresql", tmp_path) as url:
+        app = make_app(url, tmp_path / "data", bus=QuietBus(), smtp_port=sink.port)
+        try:
+            held, mine, other = queued_emails(app, 3)
+            with app.sessions() as sender:
+                sender.execute(
+                    select(NotificationRow).where(NotificationRow.id == held.id).with_for_update()
+                ).scalar_one()
+                send_batch(app, [mine.id])  # does not block on the held row
+                assert received(sink) == sorted([mine.message_id, other.message_id])
+                sender.rollback()
+            assert rows(app, [held])[held.id] == ("pending", 0)
+        finally:
+            app.close()
 
 
 def test_a_batch_holds_each_mail_long_enough_for_every_mail_before_it_to_be_sent(
