@@ -204,7 +204,13 @@ class App:
     @cached_property
     def publisher(self) -> Publisher:
         window = timedelta(milliseconds=self.settings.batch_window_ms)
-        return Publisher(self.sessions, lambda: self.bus, window=window)
+        gather = timedelta(milliseconds=self.settings.gather_window_ms)
+        return Publisher(
+            self.sessions,
+            lambda: self.bus,
+            window=window,
+            windows={topology.VERIFY_ACTOR: gather},
+        )
 
     @cached_property
     def connectors(self) -> dict[str, Connector]:

@@ -15,8 +15,8 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
@@ -267,6 +267,18 @@ def publish_pending(
     return sent
 
 
+@dataclass
+class _Lane:
+    """Envelopes that share a window: their own pending list and last publish."""
+
+    window: float
+    pending: list[Envelope] = field(default_factory=list)
+    last: float = -float("inf")
+
+    def due(self) -> float:
+        return self.last + self.window
+
+
 class Publisher:
     """Publishes what committed transactions asked for.
 
@@ -274,8 +286,10 @@ class Publisher:
     quiet spell go out at once; envelopes arriving while others went out less than
     `window` ago wait for the window to close and go together, grouped into batch
     messages. Under load, requests that move at the same moment share messages; alone,
-    a request waits for nothing. Envelopes still waiting when the process dies are in
-    the outbox, unpublished: the scheduler's relay sends them.
+    a request waits for nothing. `windows` gives some actors a window of their own
+    (the first stage, where groups form: `Settings.gather_window_ms`). Envelopes still
+    waiting when the process dies are in the outbox, unpublished: the scheduler's relay
+    sends them.
     """
 
     def __init__(
@@ -284,17 +298,21 @@ class Publisher:
         bus: Callable[[], MessageBus],
         *,
         window: timedelta,
+        windows: Mapping[str, timedelta] | None = None,
     ) -> None:
         self.factory = factory
         self.bus = bus  # asked at each publish: the app's bus may be swapped (tests)
         self.window = window.total_seconds()
+        self._default = _Lane(self.window)
+        self._lanes = {actor: _Lane(w.total_seconds()) for actor, w in (windows or {}).items()}
         self._lock = threading.Condition()
-        self._pending: list[Envelope] = []
-        self._last = -float("inf")
         self._thread: threading.Thread | None = None
         self._pid = 0
         # publishing at once (no window: tests, one-off tools) marks at once too
         self.marks = Marks(factory, interval=MARK_INTERVAL) if self.window > 0 else None
+
+    def _lane(self, envelope: Envelope) -> _Lane:
+        return self._lanes.get(envelope.actor, self._default)
 
     def submit(self, envelopes: Sequence[Envelope]) -> None:
         if not envelopes:
@@ -302,27 +320,50 @@ class Publisher:
         if self.window <= 0:
             self._publish(list(envelopes))
             return
+        now_out: list[Envelope] = []
         with self._lock:
             now = time.monotonic()
-            at_once = not self._pending and now - self._last >= self.window
-            if at_once:
-                self._last = now
-            else:
-                self._pending.extend(envelopes)
+            by_lane: dict[int, tuple[_Lane, list[Envelope]]] = {}
+            for e in envelopes:
+                lane = self._lane(e)
+                by_lane.setdefault(id(lane), (lane, []))[1].append(e)
+            waiting = False
+            for lane, members in by_lane.values():
+                if not lane.pending and now - lane.last >= lane.window:
+                    lane.last = now
+                    now_out.extend(members)
+                else:
+                    lane.pending.extend(members)
+                    waiting = True
+            if waiting:
                 self._ensure_thread()
                 self._lock.notify()
-        if at_once:
-            self._publish(list(envelopes))
+        if now_out:
+            self._publish(now_out)
 
     def flush(self) -> None:
         """Publish whatever waits, and record what was published, now (tests; a process
         about to stop)."""
         with self._lock:
-            taken, self._pending = self._pending, []
-            self._last = time.monotonic()
+            taken = self._take(until=float("inf"))
         self._publish(taken)
         if self.marks is not None:
             self.marks.flush()
+
+    def _all_lanes(self) -> list[_Lane]:
+        return [self._default, *self._lanes.values()]
+
+    def _take(self, *, until: float) -> list[Envelope]:
+        """The pending envelopes of the lanes whose window closes by `until`; their
+        window starts again now."""
+        taken: list[Envelope] = []
+        now = time.monotonic()
+        for lane in self._all_lanes():
+            if lane.pending and lane.due() <= until:
+                taken.extend(lane.pending)
+                lane.pending = []
+                lane.last = now
+        return taken
 
     def _ensure_thread(self) -> None:
         if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
@@ -334,13 +375,12 @@ class Publisher:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._pending:
+                while not any(lane.pending for lane in self._all_lanes()):
                     self._lock.wait()
-                due = self._last + self.window
+                due = min(lane.due() for lane in self._all_lanes() if lane.pending)
             time.sleep(max(0.0, due - time.monotonic()))
             with self._lock:
-                taken, self._pending = self._pending, []
-                self._last = time.monotonic()
+                taken = self._take(until=time.monotonic())
             self._publish(taken)
 
     def _publish(self, envelopes: list[Envelope]) -> None:

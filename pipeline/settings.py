@@ -49,6 +49,10 @@ class Settings:
     # how long a stage's messages may wait for others to share a batch message with
     # (`pipeline.outbox.Publisher`); 0 publishes each commit's messages at once
     batch_window_ms: int = 50
+    # the same for verify messages, where the groups form that travel together through
+    # the later stages: under load a request waits up to this long to be verified with
+    # the others that came meanwhile; alone, it waits for nothing
+    gather_window_ms: int = 200
     # an idle stage queue is polled again after at most this long (Redis broker)
     worker_idle_poll_ms: int = 100
     stall_seconds: int = 300
@@ -110,6 +114,7 @@ class Settings:
             retry_base_ms=_int(env, "PRIVACY_RETRY_BASE_MS", cls.retry_base_ms),
             retry_max_ms=_int(env, "PRIVACY_RETRY_MAX_MS", cls.retry_max_ms),
             batch_window_ms=_int(env, "PRIVACY_BATCH_WINDOW_MS", cls.batch_window_ms),
+            gather_window_ms=_int(env, "PRIVACY_GATHER_WINDOW_MS", cls.gather_window_ms),
             worker_idle_poll_ms=_int(env, "PRIVACY_WORKER_IDLE_POLL_MS", cls.worker_idle_poll_ms),
             stall_seconds=_int(env, "PRIVACY_STALL_SECONDS", cls.stall_seconds),
             scheduler_interval_seconds=_int(

@@ -298,6 +298,38 @@ def test_messages_arriving_within_the_window_wait_and_go_together(app):
     assert all(published_at(app).values())  # marked once sent
 
 
+def test_verify_messages_wait_in_their_own_window_while_other_stages_go_on(app):
+    def verify(keys: list[str]) -> list[Envelope]:
+        with app.sessions.begin() as session:
+            return outbox.add_all(
+                session,
+                [
+                    outbox.Wanted(k, topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, (k,))
+                    for k in keys
+                ],
+            )
+
+    bus = Recording()
+    publisher = Publisher(
+        app.sessions,
+        lambda: bus,
+        window=timedelta(milliseconds=1),
+        windows={topology.VERIFY_ACTOR: timedelta(seconds=2)},
+    )
+    publisher.submit(verify(["v-1"]))  # after a quiet spell: at once
+    publisher.submit(verify(["v-2"]))  # within verify's window: waits
+    publisher.submit(verify(["v-3"]))
+    time.sleep(0.05)
+    publisher.submit(committed(app, ["l-1"]))  # another stage: its own, short window
+    assert eventually(lambda: len(bus.messages) == 2, seconds=1.5)
+    assert [(m.actor, m.args) for m in bus.messages] == [
+        (topology.VERIFY_ACTOR, (["v-1"],)),
+        (topology.LOCATE_ACTOR, (["l-1"],)),
+    ]
+    assert eventually(lambda: len(bus.messages) == 3)  # verify's window closes: together
+    assert bus.messages[2].args == (["v-2", "v-3"],)
+
+
 def test_flush_sends_what_waits_and_a_broker_that_fails_leaves_it_to_the_relay(app):
     class Down(Recording):
         def publish(self, envelope: Envelope) -> None:
