@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql import Select
 from sqlalchemy.types import TypeDecorator
 
 
@@ -320,3 +321,15 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+_Row = TypeVar("_Row")
+
+
+def free_rows(session: Session, query: Select[_Row]) -> list[_Row]:
+    """What `query` finds that no other transaction holds, locked for this one, never
+    waiting for a lock (PostgreSQL's SKIP LOCKED; SQLite runs one writer at a time).
+    For stages that take on work waiting for them."""
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.execute(query).scalars())

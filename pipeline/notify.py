@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline import audit
-from pipeline.db import CaseRow, ExportRow, NotificationRow, RequestRow, utcnow
+from pipeline.db import CaseRow, ExportRow, NotificationRow, RequestRow, free_rows, utcnow
 from pipeline.errors import MailUnavailable, RetryLater, UnknownRequest
 from pipeline.outbox import as_ids
 from pipeline.requests import advance, iso, load, notify_person
@@ -296,9 +296,7 @@ def _waiting(session: Session, taken: set[str], room: int) -> list[NotificationR
         .order_by(NotificationRow.created_at)
         .limit(room)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(session.execute(query).scalars())
+    return free_rows(session, query)
 
 
 def _record_sent(

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import audit, topology
 from pipeline.crypto import BadSignature, Expired
-from pipeline.db import RequestRow, VerificationRow, utcnow
+from pipeline.db import RequestRow, VerificationRow, free_rows, utcnow
 from pipeline.errors import PermanentError
 from pipeline.requests import advance, iso, load, notify_person
 from pipeline.states import RequestType, State, needs_locate, needs_verification
@@ -87,9 +87,7 @@ def waiting(session: Session, exclude: list[str], limit: int) -> list[RequestRow
         .order_by(RequestRow.received_at)
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(session.execute(query).scalars())
+    return free_rows(session, query)
 
 
 def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
