@@ -45,9 +45,9 @@ log = structlog.get_logger()
 T = TypeVar("T")
 R = TypeVar("R")
 
-# (session, the message's ids, how many more) -> requests waiting for the same step,
-# locked for this transaction; never waits for a lock
-Peers = Callable[["Session", list[str], int], list["RequestRow"]]
+# (app, session, the message's ids, how many more) -> requests waiting for the same
+# step, locked for this transaction; never waits for a lock
+Peers = Callable[["App", "Session", list[str], int], list["RequestRow"]]
 
 
 def for_each(
@@ -142,7 +142,9 @@ def _shared(
     with uow.shared(app) as scope:
         scope.lock_requests(request_ids)
         room = BATCH_MAX - len(request_ids)
-        taken = peers(scope.session, request_ids, room) if peers is not None and room > 0 else []
+        taken = (
+            peers(app, scope.session, request_ids, room) if peers is not None and room > 0 else []
+        )
         scope.hold(taken)
         for request_id in request_ids + [r.id for r in taken]:
             if alone:

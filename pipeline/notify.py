@@ -19,7 +19,7 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from pipeline import audit
+from pipeline import audit, verification
 from pipeline.db import CaseRow, ExportRow, NotificationRow, RequestRow, free_rows, utcnow
 from pipeline.errors import MailUnavailable, RetryLater, UnknownRequest
 from pipeline.outbox import as_ids
@@ -138,6 +138,7 @@ def notify_outcome(app: App, request_id: str) -> None:
         notify_person(app, uow, request, "outcome", f"outcome_{request.type}", context)
         request.outcome = _summary(context)
         advance(uow.session, request, State.DONE, reason="outcome mailed to the person")
+        verification.admit(uow, request.id)  # room for a request waiting to be verified
 
 
 def _lease(app: App, mails: int = 1) -> timedelta:

@@ -43,6 +43,7 @@ class TickReport:
     expired: int = 0
     rekicked: int = 0
     emails: int = 0
+    admitted: int = 0
 
 
 def _message(actor: str, queue: str, *args: str) -> Envelope:
@@ -167,6 +168,20 @@ def resend_stuck_emails(app: App, now: datetime) -> int:
     return len(ids)
 
 
+def admit_waiting(app: App, now: datetime) -> int:
+    """Requests that wait for room to be verified are admitted by requests finishing;
+    should none finish (they went to an operator, or their messages were lost), ask
+    verification once per tick while there is room and someone has waited a while."""
+    with app.sessions() as session:
+        if not verification.waiting_for_room(app, session, since=now - outbox.RELAY_AFTER):
+            return 0
+    no_ids: list[str] = []  # verification's peers fill the batch
+    app.bus.publish(
+        Envelope(str(uuid.uuid4()), topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, (no_ids,))
+    )
+    return 1
+
+
 def tick(app: App, *, now: datetime | None = None) -> TickReport:
     now = now or utcnow()
     report = TickReport()
@@ -174,7 +189,8 @@ def tick(app: App, *, now: datetime | None = None) -> TickReport:
     report.expired = verification.expire_due(app, now=now)
     report.rekicked = rekick_stalled(app, now)
     report.emails = resend_stuck_emails(app, now)
-    if any((report.published, report.expired, report.rekicked, report.emails)):
+    report.admitted = admit_waiting(app, now)
+    if any((report.published, report.expired, report.rekicked, report.emails, report.admitted)):
         log.info("reconciler_ticked", **report.__dict__)
     return report
 

@@ -53,6 +53,11 @@ class Settings:
     # the later stages: under load a request waits up to this long to be verified with
     # the others that came meanwhile; alone, it waits for nothing
     gather_window_ms: int = 200
+    # requests past verification and not yet done (and not stalled) above which
+    # verification leaves the requests that need no one's action waiting, oldest first,
+    # until others finish: under a burst requests then finish group by group instead of
+    # all at the end
+    admit_max: int = 150
     # an idle stage queue is polled again after at most this long (Redis broker)
     worker_idle_poll_ms: int = 100
     stall_seconds: int = 300
@@ -115,6 +120,7 @@ class Settings:
             retry_max_ms=_int(env, "PRIVACY_RETRY_MAX_MS", cls.retry_max_ms),
             batch_window_ms=_int(env, "PRIVACY_BATCH_WINDOW_MS", cls.batch_window_ms),
             gather_window_ms=_int(env, "PRIVACY_GATHER_WINDOW_MS", cls.gather_window_ms),
+            admit_max=_int(env, "PRIVACY_ADMIT_MAX", cls.admit_max),
             worker_idle_poll_ms=_int(env, "PRIVACY_WORKER_IDLE_POLL_MS", cls.worker_idle_poll_ms),
             stall_seconds=_int(env, "PRIVACY_STALL_SECONDS", cls.stall_seconds),
             scheduler_interval_seconds=_int(

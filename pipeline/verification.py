@@ -24,10 +24,10 @@ import hashlib
 import secrets
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
-from sqlalchemy import or_, select, text
+from sqlalchemy import Select, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from pipeline import audit, topology
@@ -69,21 +69,70 @@ def send_on(uow: UnitOfWork, request: RequestRow) -> None:
         uow.send(f"{request.id}:act", topology.ACT_ACTOR, topology.ACT_QUEUE, request.id)
 
 
-def waiting(session: Session, exclude: list[str], limit: int) -> list[RequestRow]:
+_T = TypeVar("_T")
+IN_FLIGHT = (State.VERIFIED, State.LOCATING, State.ACTING, State.NOTIFYING)
+_ROOM = "admission_room"  # session.info: what this transaction may still admit
+
+
+def _room(app: App, session: Session) -> list[int]:
+    """How many more requests this transaction may move past verification without
+    anyone's action: `admit_max` less the requests in flight (counted once per
+    transaction). Stalled requests (the reconciler's business) do not count, so a store
+    that is down does not hold everyone else back for long."""
+    room: list[int] | None = session.info.get(_ROOM)
+    if room is None:
+        since = utcnow() - timedelta(seconds=app.settings.stall_seconds)
+        moving = session.scalar(
+            select(func.count())
+            .select_from(RequestRow)
+            .where(
+                RequestRow.state.in_([s.value for s in IN_FLIGHT]),
+                RequestRow.updated_at >= since,
+            )
+        )
+        room = session.info[_ROOM] = [app.settings.admit_max - int(moving or 0)]
+    return room
+
+
+def admit(uow: UnitOfWork, finished: str) -> None:
+    """Ask verification to take on waiting requests: `finished` frees room. The message
+    carries no id of its own (`batch.Peers` fills it); the finishing requests of a
+    batch share one."""
+    uow.send(f"{finished}:admit", topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, [])
+
+
+def _moves_on_alone(query: Select[_T]) -> Select[_T]:
+    """Received requests that verification moves on without anyone's action: a signed
+    assertion proved the identity, or the type needs no proof."""
+    return query.where(
+        RequestRow.state == State.RECEIVED.value,
+        or_(
+            RequestRow.verified_by.is_not(None),
+            RequestRow.type.in_([t.value for t in RequestType if not needs_verification(t)]),
+        ),
+    )
+
+
+def waiting_for_room(app: App, session: Session, *, since: datetime) -> bool:
+    """Whether a request that needs no one's action, unchanged since `since`, waits
+    while there is room for it."""
+    if _room(app, session)[0] <= 0:
+        return False
+    query = _moves_on_alone(select(RequestRow.id)).where(RequestRow.updated_at <= since)
+    return session.scalar(query.limit(1)) is not None
+
+
+def waiting(app: App, session: Session, exclude: list[str], limit: int) -> list[RequestRow]:
     """Received requests that verification moves on without anyone's action (a signed
     assertion proved the identity, or the type needs no proof), oldest first, locked;
     rows another transaction holds are skipped, never waited for. A batch takes them on
-    (`batch.Peers`) before their own messages arrive."""
+    (`batch.Peers`) before their own messages arrive, as many as there is room for."""
+    limit = min(limit, _room(app, session)[0])
+    if limit <= 0:
+        return []
     query = (
-        select(RequestRow)
-        .where(
-            RequestRow.state == State.RECEIVED.value,
-            or_(
-                RequestRow.verified_by.is_not(None),
-                RequestRow.type.in_([t.value for t in RequestType if not needs_verification(t)]),
-            ),
-            RequestRow.id.not_in(exclude),
-        )
+        _moves_on_alone(select(RequestRow))
+        .where(RequestRow.id.not_in(exclude))
         .order_by(RequestRow.received_at)
         .limit(limit)
     )
@@ -99,6 +148,11 @@ def start(app: App, request_id: str, *, now: datetime | None = None) -> None:
             return  # already past this stage: a redelivery
         kind = RequestType(request.type)
         if not needs_verification(kind) or request.verified_by:
+            room = _room(app, uow.session)
+            if room[0] <= 0:  # a finishing request, or the reconciler, admits it later
+                log.info("request_waiting_for_room", request_id=request.id)
+                return
+            room[0] -= 1
             request.verified_by = request.verified_by or "not_required"
             request.verified_at = request.verified_at or now
             advance(
