@@ -190,6 +190,24 @@ _MARK = (
 )
 
 
+class _Background:
+    """A daemon thread started on first need, and again in a forked worker (a thread
+    does not survive the fork) or should it have died."""
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self.target = target
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def ensure(self) -> None:
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self.target, name=self.name, daemon=True)
+        self._thread.start()
+
+
 class Marks:
     """Publishes recorded in the outbox a moment later, many in one transaction.
 
@@ -205,16 +223,12 @@ class Marks:
         self.interval = interval
         self._lock = threading.Condition()
         self._pending: list[Mark] = []
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._recorder = _Background(self._run, "outbox-marks")
 
     def add(self, marks: list[Mark]) -> None:
         with self._lock:
             self._pending.extend(marks)
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()  # a forked worker starts its own
-                self._thread = threading.Thread(target=self._run, name="outbox-marks", daemon=True)
-                self._thread.start()
+            self._recorder.ensure()
             self._lock.notify()
 
     def flush(self) -> None:
@@ -306,8 +320,7 @@ class Publisher:
         self._default = _Lane(self.window)
         self._lanes = {actor: _Lane(w.total_seconds()) for actor, w in (windows or {}).items()}
         self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._flusher = _Background(self._run, "outbox-publisher")
         # publishing at once (no window: tests, one-off tools) marks at once too
         self.marks = Marks(factory, interval=MARK_INTERVAL) if self.window > 0 else None
 
@@ -336,7 +349,7 @@ class Publisher:
                     lane.pending.extend(members)
                     waiting = True
             if waiting:
-                self._ensure_thread()
+                self._flusher.ensure()
                 self._lock.notify()
         if now_out:
             self._publish(now_out)
@@ -364,13 +377,6 @@ class Publisher:
                 lane.pending = []
                 lane.last = now
         return taken
-
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
-            return
-        self._pid = os.getpid()  # a forked worker starts its own flusher
-        self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         while True:

@@ -46,7 +46,7 @@ class TickReport:
     admitted: int = 0
 
 
-def _message(actor: str, queue: str, *args: str) -> Envelope:
+def _message(actor: str, queue: str, *args: str | list[str]) -> Envelope:
     return Envelope(id=str(uuid.uuid4()), actor=actor, queue=queue, args=tuple(args))
 
 
@@ -176,9 +176,7 @@ def admit_waiting(app: App, now: datetime) -> int:
         if not verification.waiting_for_room(app, session, since=now - outbox.RELAY_AFTER):
             return 0
     no_ids: list[str] = []  # verification's peers fill the batch
-    app.bus.publish(
-        Envelope(str(uuid.uuid4()), topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, (no_ids,))
-    )
+    app.bus.publish(_message(topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, no_ids))
     return 1
 
 
