@@ -19,7 +19,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import select
 
 from connectors.base import (
     Capability,
@@ -311,13 +310,7 @@ def _finish(app: App, request_id: str, archives: dict[str, list[str]]) -> None:
 
 
 def _has_export(uow: UnitOfWork, request_id: str) -> bool:
-    batch = uow.owned(ExportRow, request_id)
-    if batch is not None:  # read with the batch's other requests' exports
-        return bool(batch)
-    found = uow.session.execute(
-        select(ExportRow.id).where(ExportRow.request_id == request_id).limit(1)
-    ).first()
-    return found is not None
+    return bool(uow.rows_of(ExportRow, request_id))
 
 
 def _record_export(app: App, request_id: str, built: archive.BuiltArchive, stores: int) -> None:

@@ -53,13 +53,8 @@ def _store_titles(app: App) -> dict[str, str]:
 
 
 def _export_of(uow: UnitOfWork, request_id: str) -> ExportRow:
-    batch = uow.owned(ExportRow, request_id)
-    if batch is not None:
-        (export,) = batch
-        return export
-    return uow.session.execute(
-        select(ExportRow).where(ExportRow.request_id == request_id)
-    ).scalar_one()
+    (export,) = uow.rows_of(ExportRow, request_id)
+    return export
 
 
 def outcome_context(app: App, uow: UnitOfWork, request: RequestRow) -> dict[str, Any]:

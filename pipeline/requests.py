@@ -151,15 +151,7 @@ def notify_person(
 
 
 def _queued_before(uow: UnitOfWork, request_id: str, event: str) -> bool:
-    batch = uow.owned(NotificationRow, request_id)
-    if batch is not None:
-        return any(n.event == event for n in batch)
-    found = uow.session.execute(
-        select(NotificationRow.id).where(
-            NotificationRow.request_id == request_id, NotificationRow.event == event
-        )
-    ).scalar()
-    return found is not None
+    return any(n.event == event for n in uow.rows_of(NotificationRow, request_id))
 
 
 def iso(moment: datetime) -> str:

@@ -89,16 +89,8 @@ def backoff_ms(app: App, attempt: int) -> int:
 
 
 def find_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> StoreTaskRow | None:
-    batch = uow.owned(StoreTaskRow, request_id)
-    if batch is not None:  # read with the batch's other requests' tasks (`Shared.owned`)
-        return next((t for t in batch if t.store == store and t.phase == phase), None)
-    return uow.session.execute(
-        select(StoreTaskRow).where(
-            StoreTaskRow.request_id == request_id,
-            StoreTaskRow.store == store,
-            StoreTaskRow.phase == phase,
-        )
-    ).scalar_one_or_none()
+    tasks = uow.rows_of(StoreTaskRow, request_id)
+    return next((t for t in tasks if t.store == store and t.phase == phase), None)
 
 
 def ensure_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> StoreTaskRow:
@@ -112,16 +104,8 @@ def ensure_task(uow: UnitOfWork, request_id: str, store: str, phase: str) -> Sto
 
 
 def tasks_of(uow: UnitOfWork, request_id: str, phase: str) -> list[StoreTaskRow]:
-    batch = uow.owned(StoreTaskRow, request_id)
-    if batch is not None:
-        return sorted((t for t in batch if t.phase == phase), key=lambda t: t.store)
-    return list(
-        uow.session.execute(
-            select(StoreTaskRow)
-            .where(StoreTaskRow.request_id == request_id, StoreTaskRow.phase == phase)
-            .order_by(StoreTaskRow.store)
-        ).scalars()
-    )
+    tasks = uow.rows_of(StoreTaskRow, request_id)
+    return sorted((t for t in tasks if t.phase == phase), key=lambda t: t.store)
 
 
 def _fail(uow: UnitOfWork, request: RequestRow, task: StoreTaskRow, reason: str) -> None:

@@ -144,6 +144,15 @@ class UnitOfWork:
         None outside a batch or for a request the batch does not hold."""
         return self._scope.owned(model, request_id) if self._scope is not None else None
 
+    def rows_of(self, model: type[Owned], request_id: str) -> list[Owned]:
+        """A request's `model` rows: from its batch's one read (`owned`), or else read
+        for this request alone."""
+        batch = self.owned(model, request_id)
+        if batch is not None:
+            return batch
+        query = select(model).where(model.request_id == request_id)
+        return list(self.session.execute(query).scalars())
+
     def add(self, row: Owned) -> None:
         """Add a request's new row, to the batch's reads as well: written at the flush
         that the commit (or the next query) makes, together with the others; a unique
