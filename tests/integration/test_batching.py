@@ -615,83 +615,81 @@ def _skipped_while_held(app, handlers):
 # -- admission: under a burst, requests finish group by group --------------------------
 
 
+@pytest.fixture
+def admitting(state_url, tmp_path):
+    """An app letting `admit_max` requests past verification, with `count` pre-verified
+    opt-outs r-0, r-1, ... accepted and their own verify messages dropped."""
+    made = []
+
+    def make(admit_max: int, count: int):
+        app = make_app(
+            state_url, tmp_path / "data", bus=QuietBus(), connectors=stores(), admit_max=admit_max
+        )
+        made.append(app)
+        for n in range(count):
+            accept(app, presigned(app, "opt_out", f"r-{n}"))
+        app.bus.queue.clear()
+        return app
+
+    yield make
+    for app in made:
+        app.close()
+
+
 def test_beyond_the_admission_room_requests_wait_oldest_first_and_finishing_ones_admit_them(
-    state_url, tmp_path
+    admitting,
 ):
     from pipeline import handlers
 
-    app = make_app(state_url, tmp_path / "data", bus=QuietBus(), connectors=stores(), admit_max=2)
-    try:
-        with uow.collecting():  # their own verify messages are lost: only admission helps
-            for n in range(5):
-                accept(app, presigned(app, "opt_out", f"r-{n}"))
-        app.bus.queue.clear()
-        handlers.handle(app, topology.VERIFY_ACTOR, [])  # takes on what there is room for
-        states = [request_row(app, f"r-{n}").state for n in range(5)]
-        assert states == ["verified", "verified", "received", "received", "received"]
-        app.bus.drain()  # each finishing batch admits the next waiting ones, oldest first
-        assert [request_row(app, f"r-{n}").state for n in range(5)] == ["done"] * 5
-        with app.sessions() as session:
-            verified = session.execute(
-                select(TransitionRow.request_id)
-                .where(TransitionRow.to_state == "verified")
-                .order_by(TransitionRow.id)
-            ).scalars()
-            assert list(verified) == [f"r-{n}" for n in range(5)]
-    finally:
-        app.close()
+    app = admitting(admit_max=2, count=5)  # their own verify messages lost: only admission
+    handlers.handle(app, topology.VERIFY_ACTOR, [])  # takes on what there is room for
+    states = [request_row(app, f"r-{n}").state for n in range(5)]
+    assert states == ["verified", "verified", "received", "received", "received"]
+    app.bus.drain()  # each finishing batch admits the next waiting ones, oldest first
+    assert [request_row(app, f"r-{n}").state for n in range(5)] == ["done"] * 5
+    with app.sessions() as session:
+        verified = session.execute(
+            select(TransitionRow.request_id)
+            .where(TransitionRow.to_state == "verified")
+            .order_by(TransitionRow.id)
+        ).scalars()
+        assert list(verified) == [f"r-{n}" for n in range(5)]
 
 
-def test_a_request_with_its_own_message_also_waits_for_room(state_url, tmp_path):
+def test_a_request_with_its_own_message_also_waits_for_room(admitting):
     from pipeline import handlers
 
-    app = make_app(state_url, tmp_path / "data", bus=QuietBus(), connectors=stores(), admit_max=1)
-    try:
-        for n in range(2):
-            accept(app, presigned(app, "opt_out", f"r-{n}"))
-        app.bus.queue.clear()
-        handlers.handle(app, topology.VERIFY_ACTOR, ["r-0"])
-        handlers.handle(app, topology.VERIFY_ACTOR, ["r-1"])  # no room: left waiting
-        assert [request_row(app, f"r-{n}").state for n in range(2)] == ["verified", "received"]
-        app.bus.drain()
-        assert [request_row(app, f"r-{n}").state for n in range(2)] == ["done", "done"]
-    finally:
-        app.close()
+    app = admitting(admit_max=1, count=2)
+    handlers.handle(app, topology.VERIFY_ACTOR, ["r-0"])
+    handlers.handle(app, topology.VERIFY_ACTOR, ["r-1"])  # no room: left waiting
+    assert [request_row(app, f"r-{n}").state for n in range(2)] == ["verified", "received"]
+    app.bus.drain()
+    assert [request_row(app, f"r-{n}").state for n in range(2)] == ["done", "done"]
 
 
-def test_stalled_requests_hold_no_room_and_the_reconciler_admits_who_waits(state_url, tmp_path):
+def test_stalled_requests_hold_no_room_and_the_reconciler_admits_who_waits(admitting):
     from datetime import timedelta
 
     from sqlalchemy import update
 
-    from pipeline import reconcile
+    from pipeline import handlers, reconcile
     from pipeline.db import utcnow
 
-    app = make_app(state_url, tmp_path / "data", bus=QuietBus(), connectors=stores(), admit_max=1)
-    try:
-        for n in range(2):
-            accept(app, presigned(app, "opt_out", f"r-{n}"))
-        app.bus.queue.clear()
-        with app.sessions.begin() as session:  # r-0 in flight, moving: no room for r-1
-            session.execute(update(RequestRow).where(RequestRow.id == "r-0").values(state="acting"))
-        later = utcnow() + timedelta(seconds=10)
-        assert reconcile.admit_waiting(app, later) == 0
-        assert reconcile.admit_waiting(app, utcnow()) == 0  # r-1 has not waited long yet
-        stalled = utcnow() - timedelta(seconds=app.settings.stall_seconds + 1)
-        with app.sessions.begin() as session:  # r-0 stalls: the reconciler's business now
-            session.execute(
-                update(RequestRow).where(RequestRow.id == "r-0").values(updated_at=stalled)
-            )
-        assert reconcile.admit_waiting(app, later) == 1
-        (message,) = [e for e in app.bus.queue if e.actor == topology.VERIFY_ACTOR]
-        assert message.args == ([],)
-        app.bus.queue.clear()
-        from pipeline import handlers
-
-        handlers.handle(app, topology.VERIFY_ACTOR, *message.args)
-        assert request_row(app, "r-1").state == "verified"
-    finally:
-        app.close()
+    app = admitting(admit_max=1, count=2)
+    with app.sessions.begin() as session:  # r-0 in flight, moving: no room for r-1
+        session.execute(update(RequestRow).where(RequestRow.id == "r-0").values(state="acting"))
+    later = utcnow() + timedelta(seconds=10)
+    assert reconcile.admit_waiting(app, later) == 0
+    assert reconcile.admit_waiting(app, utcnow()) == 0  # r-1 has not waited long yet
+    stalled = utcnow() - timedelta(seconds=app.settings.stall_seconds + 1)
+    with app.sessions.begin() as session:  # r-0 stalls: the reconciler's business now
+        session.execute(update(RequestRow).where(RequestRow.id == "r-0").values(updated_at=stalled))
+    assert reconcile.admit_waiting(app, later) == 1
+    (message,) = [e for e in app.bus.queue if e.actor == topology.VERIFY_ACTOR]
+    assert message.args == ([],)
+    app.bus.queue.clear()
+    handlers.handle(app, topology.VERIFY_ACTOR, *message.args)
+    assert request_row(app, "r-1").state == "verified"
 
 
 # -- group commit: intake documents accepted at the same moment share a transaction -------
