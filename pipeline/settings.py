@@ -44,6 +44,10 @@ class Settings:
     verify_max_attempts: int = 5
     download_ttl_seconds: int = 7 * 24 * 3600
     store_max_attempts: int = 6
+    # a person with more records than this in a store (as located) is served there after
+    # the others of their batch, alone, so that a big request never holds back the small
+    # ones travelling with it
+    heavy_records: int = 5000
     retry_base_ms: int = 1000
     retry_max_ms: int = 5 * 60 * 1000
     # how long a stage's messages may wait for others to share a batch message with
@@ -116,6 +120,7 @@ class Settings:
             verify_max_attempts=_int(env, "PRIVACY_VERIFY_MAX_ATTEMPTS", cls.verify_max_attempts),
             download_ttl_seconds=_int(env, "PRIVACY_DOWNLOAD_TTL", cls.download_ttl_seconds),
             store_max_attempts=_int(env, "PRIVACY_STORE_MAX_ATTEMPTS", cls.store_max_attempts),
+            heavy_records=_int(env, "PRIVACY_HEAVY_RECORDS", cls.heavy_records),
             retry_base_ms=_int(env, "PRIVACY_RETRY_BASE_MS", cls.retry_base_ms),
             retry_max_ms=_int(env, "PRIVACY_RETRY_MAX_MS", cls.retry_max_ms),
             batch_window_ms=_int(env, "PRIVACY_BATCH_WINDOW_MS", cls.batch_window_ms),

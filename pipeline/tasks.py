@@ -204,24 +204,35 @@ def _tasks(
     return {t.request_id: t for t in rows}
 
 
-def _discovered(app: App, uow: UnitOfWork, request_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Product ids that locating found, per request, to widen the identity (R11)."""
-    found: dict[str, dict[str, str]] = {rid: {} for rid in request_ids}
+@dataclass
+class _Located:
+    """What locating found for the requests of a batch: the product ids that widen each
+    identity (R11), and how many records each person has in the store at hand."""
+
+    discovered: dict[str, dict[str, str]]
+    records: dict[str, int]
+
+
+def _located(app: App, uow: UnitOfWork, request_ids: Sequence[str], store: str) -> _Located:
+    found = _Located({rid: {} for rid in request_ids}, {})
     rows = uow.session.execute(
-        select(StoreTaskRow.request_id, StoreTaskRow.detail_enc)
-        .where(
-            StoreTaskRow.request_id.in_(request_ids),
-            StoreTaskRow.phase == "locate",
-            StoreTaskRow.detail_enc.is_not(None),
+        select(
+            StoreTaskRow.request_id,
+            StoreTaskRow.store,
+            StoreTaskRow.result,
+            StoreTaskRow.detail_enc,
         )
+        .where(StoreTaskRow.request_id.in_(request_ids), StoreTaskRow.phase == "locate")
         .order_by(StoreTaskRow.store)
     ).all()
-    for request_id, blob in rows:
+    for request_id, task_store, result, blob in rows:
+        if task_store == store:
+            found.records[request_id] = int((result or {}).get("records") or 0)
         if blob is None:
             continue
         detail = app.keys.ring.decrypt_json(blob, context=request_id.encode())
         if isinstance(detail, dict):
-            found[request_id].update(detail.get("discovered_ids") or {})
+            found.discovered[request_id].update(detail.get("discovered_ids") or {})
     return found
 
 
@@ -239,10 +250,28 @@ def run_store_tasks(
     whose last task this was in one more. A request that is unknown, not in
     the phase's state, or whose task is done or absent is skipped (a stray or repeated
     message). Raises `StoreRetry` with the shortest delay when a call failed and may be
-    tried again: the message comes back, and the requests already recorded skip it."""
+    tried again: the message comes back, and the requests already recorded skip it.
+
+    A person with more than `heavy_records` records in the store (as located) is served
+    after the others of the batch, alone: the others are recorded and move on first, so
+    a big request never holds back the small ones that travel with it."""
+    calls, heavy = _claim(app, request_ids, store, phase)
+    retries = [
+        _call_and_record(app, part, store, phase, work, on_all_done)
+        for part in ([calls] if calls else []) + [[call] for call in heavy]
+    ]
+    retry = min((r for r in retries if r is not None), key=lambda r: r.delay_ms, default=None)
+    if retry is not None:
+        raise retry
+
+
+def _claim(
+    app: App, request_ids: Sequence[str], store: str, phase: str
+) -> tuple[list[_Call], list[_Call]]:
+    """Count an attempt on each pending task of the batch, in one transaction: the calls
+    to make, and apart the calls of heavy people, biggest last."""
     expected = PHASE_STATE[phase]
     ids = sorted(set(request_ids))
-    calls: list[_Call] = []
     with UnitOfWork(app) as uow:
         requests = _by_id(uow, ids)
         tasks = _tasks(uow, ids, store, phase)
@@ -270,16 +299,39 @@ def run_store_tasks(
             task.attempts += 1
             task.updated_at = utcnow()
             ready.append((request, task.attempts))
-        discovered = (
-            _discovered(app, uow, [r.id for r, _ in ready]) if phase != "locate" and ready else {}
-        )
-        for request, attempt in ready:
-            identity = identity_of(
-                app, request, discovered.get(request.id) if phase != "locate" else None
+        if phase == "locate" or not ready:
+            located = _Located({}, {})
+        else:
+            located = _located(app, uow, [r.id for r, _ in ready], store)
+        calls = [
+            _Call(
+                request.id,
+                attempt,
+                identity_of(app, request, located.discovered.get(request.id)),
+                request,
             )
-            calls.append(_Call(request.id, attempt, identity, request))
-    if not calls:
-        return
+            for request, attempt in ready
+        ]
+    records = located.records
+    light = [c for c in calls if records.get(c.request_id, 0) <= app.settings.heavy_records]
+    heavy = sorted(
+        (c for c in calls if records.get(c.request_id, 0) > app.settings.heavy_records),
+        key=lambda c: records[c.request_id],
+    )
+    return light, heavy
+
+
+def _call_and_record(
+    app: App,
+    calls: list[_Call],
+    store: str,
+    phase: str,
+    work: StoreWork,
+    on_all_done: Callable[[UnitOfWork, RequestRow], None],
+) -> StoreRetry | None:
+    """Make the calls, then record their outcomes in one transaction; the retry to ask
+    for, if a call failed and may be tried again."""
+    expected = PHASE_STATE[phase]
     connector = app.connectors.get(store)
     # A store that reads in batches gets the whole batch in one call; any other store one
     # call at a time, as before (a loop failing half way would have the first calls made
@@ -330,8 +382,7 @@ def run_store_tasks(
             for request in finished:
                 if request.id not in still and request.state == expected.value:
                     on_all_done(uow, request)
-    if retry is not None:
-        raise retry
+    return retry
 
 
 def _record(

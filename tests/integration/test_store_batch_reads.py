@@ -245,3 +245,53 @@ def test_a_batch_through_the_sql_stores_finds_for_each_what_locating_them_alone_
     finally:
         app.close()
         close_all(stores)
+
+
+def task_status(app: Any, phase: str) -> dict[str, str]:
+    with app.sessions() as session:
+        return dict(
+            session.execute(
+                select(StoreTaskRow.request_id, StoreTaskRow.status).where(
+                    StoreTaskRow.phase == phase
+                )
+            ).all()
+        )
+
+
+@pytest.mark.parametrize("kind", ["access", "erase"])
+def test_a_heavy_person_is_served_after_the_others_of_the_batch_have_moved_on(
+    state_url: str, tmp_path: Path, kind: str
+) -> None:
+    crm = batch_store()
+    crm.records["notes"] += [{"id": f"big{n}", "owner": "c1"} for n in range(5)]
+    app = make_app(
+        state_url, tmp_path / "data", bus=QuietBus(), connectors={"crm": crm}, heavy_records=4
+    )
+    seen_when_heavy: list[dict[str, str]] = []
+    method = "export" if kind == "access" else "erase"
+    plain = getattr(crm, method)
+
+    def watched(identity: Identity, *args: Any) -> Any:
+        if identity.email == EMAILS[1]:  # the heavy one: what is recorded by now?
+            seen_when_heavy.append(task_status(app, "act"))
+        return plain(identity, *args)
+
+    setattr(crm, method, watched)
+    try:
+        submit_together(app, [(f"r-{n}", kind, email) for n, email in enumerate(EMAILS)])
+        app.bus.drain()
+        assert [request_row(app, f"r-{n}").state for n in range(3)] == ["done"] * 3
+        # located together; then the two light ones were served and recorded (their
+        # tasks done, committed) before the heavy one's call began, which ran alone
+        assert seen_when_heavy == [{"r-0": "done", "r-1": "pending", "r-2": "done"}]
+        if kind == "access":
+            assert crm.batches == [("locate_many", 3), ("export_many", 2), ("export_many", 1)]
+        with app.sessions() as session:
+            located = session.scalars(
+                select(StoreTaskRow.result).where(
+                    StoreTaskRow.phase == "locate", StoreTaskRow.request_id == "r-1"
+                )
+            ).one()
+        assert located["records"] == 7 > app.settings.heavy_records
+    finally:
+        app.close()
