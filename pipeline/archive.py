@@ -102,6 +102,7 @@ def assemble(
     staging = root / f".archive.{uuid.uuid4().hex}"
     if final.exists() and not (root / "parts").exists():
         return _built(final)  # assembled before a crash; the parts are already gone
+    root.mkdir(parents=True, exist_ok=True)  # no part was written for a person we hold nothing on
     generated = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     facts: dict[str, Any] = {}
     summary: list[dict[str, Any]] = []

@@ -4,6 +4,7 @@ on a real state database: a GET changes nothing, only a POST with its CSRF token
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 import uuid
@@ -228,8 +229,8 @@ def test_expire_due_leaves_confirmed_requests_alone(app, bus):
 # -- download -------------------------------------------------------------------------
 
 
-def finished_access(app, bus, web) -> str:
-    token = awaiting(app, bus)
+def finished_access(app, bus, web, token: str | None = None) -> str:
+    token = token or awaiting(app, bus)
     client = web.test_client()
     client.post(f"/verify/{token}", data={"csrf": csrf_of(client.get(f"/verify/{token}").data)})
     bus.drain()
@@ -255,6 +256,20 @@ def test_a_valid_download_link_streams_a_zip_that_opens(app, bus, web):
     assert b"dana.reyes@example.com" in archive.read("crm/records.json")
     with app.sessions() as session:
         assert session.execute(select(ExportRow.downloads)).scalar_one() == 1
+
+
+def test_a_person_we_hold_nothing_on_gets_an_archive_that_says_so(app, bus, web):
+    # the same journey as for a known person (R8): confirmed, then an archive and its link
+    accept(app, document("access", "r-1", subject={"email": "nobody.held@example.net"}))
+    verification.start(app, "r-1")
+    bus.queue.clear()
+    path = finished_access(app, bus, web, verification_token(app, "r-1"))
+    archive = zipfile.ZipFile(io.BytesIO(web.test_client().get(path).data))
+    assert archive.testzip() is None
+    assert {"facts.json", "summary.html"} <= set(archive.namelist())
+    assert not [n for n in archive.namelist() if n.endswith("records.json")]
+    assert json.loads(archive.read("facts.json"))["stores"] == {}
+    assert b"We hold no data about you in any Allego product." in archive.read("summary.html")
 
 
 def test_an_expired_export_is_gone(app, bus, web):
