@@ -315,8 +315,10 @@ def _record_sent(
         try:
             with UnitOfWork(app) as uow:
                 session = uow.session
+                # every row this transaction writes, locked at once in id order (the
+                # lease renewals too): a sender claiming some of them waits, never deadlocks
                 query = select(NotificationRow.id, NotificationRow.status).where(
-                    NotificationRow.id.in_(ids)
+                    NotificationRow.id.in_(ids + rest)
                 )
                 status = {i: s for i, s in session.execute(_in_id_order(session, query))}
                 # a row sent by now (or gone, purged) has nothing left to record

@@ -433,6 +433,48 @@ def test_a_waiting_mail_another_sender_holds_is_skipped_not_waited_for(tmp_path,
             app.close()
 
 
+def test_recording_sent_mails_locks_every_row_it_writes_first_in_id_order(
+    tmp_path, sink, monkeypatch
+):
+    """The record of a chunk also renews the lease of the mails still to go: those rows
+    are locked with the others, in id order, before anything is written. Locked later,
+    a sender claiming one of them while waiting for a row the record holds would
+    deadlock with it (PostgreSQL's row locks)."""
+    from sqlalchemy.exc import OperationalError
+
+    from tests.conftest import state_database
+
+    with state_database("postgresql", tmp_path) as url:
+        app = make_app(url, tmp_path / "data", bus=QuietBus(), smtp_port=sink.port)
+        try:
+            monkeypatch.setattr(notify, "RECORD_EVERY", 2)
+            notes = queued_emails(app, 4)
+            still_to_go = max(n.id for n in notes)  # a batch goes out in id order
+            probes: list[str] = []
+            record = audit.record
+
+            def probing(session, action, **detail):
+                if not probes:  # the first record: the first two mails went out
+                    with app.engine.connect() as other:
+                        try:
+                            other.execute(
+                                select(NotificationRow.id)
+                                .where(NotificationRow.id == still_to_go)
+                                .with_for_update(nowait=True)
+                            )
+                            probes.append("free")
+                        except OperationalError:
+                            probes.append("locked")
+                record(session, action, **detail)
+
+            monkeypatch.setattr(audit, "record", probing)
+            send_batch(app, [n.id for n in notes])
+            assert probes[0] == "locked"
+            assert len(received(sink)) == 4
+        finally:
+            app.close()
+
+
 def test_a_batch_holds_each_mail_long_enough_for_every_mail_before_it_to_be_sent(
     mail_app, sink, monkeypatch
 ):
