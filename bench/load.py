@@ -3,6 +3,7 @@
     .venv/bin/python bench/load.py [--users 100000] --mode batch --requests 200 --mix access
     .venv/bin/python bench/load.py --mode rate --rate 2 --duration 60 --mix mixed [--profile]
     .venv/bin/python bench/load.py --mode batch --requests 300 --worker-groups 2 --processes 1
+    .venv/bin/python bench/load.py --mode batch --requests 200 --mix access --heavy 1
 
 1. Store: a fresh PostgreSQL database holding the shop of `bench/shop_store.py` (users,
    orders, payment cards, videos, comments, login events: 23 rows per person, every
@@ -25,7 +26,11 @@
 3. No-op run (`--no-noop` skips it): `bench.noop_actors` with the same processes,
    threads and broker, replaying the hops each request cost, as a batch: the ratio
    real / no-op completed/s.
-4. `--profile`: the in-process cProfile pass of bench/throughput.py over this store.
+4. `--heavy N` (fairness): N users of the first requests (the first, then spread over
+   the first 10 %) each own `--heavy-rows` extra rows, so each travels in a group with
+   light requests; reported: their latency against the light requests' of the first
+   10 % and of the whole run.
+5. `--profile`: the in-process cProfile pass of bench/throughput.py over this store.
    `--py-spy`: py-spy samples the real workers' stacks during the real run (py-spy is
    not a dependency: `.venv/bin/pip install py-spy`).
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import math
 import os
 import platform
 import random
@@ -68,6 +74,7 @@ from bench import throughput as tp  # noqa: E402
 from bench.connector_scale import PG_ADMIN_URL, store_url  # noqa: E402
 from bench.procstats import _stat_fields, _status_kb  # noqa: E402
 from bench.shop_store import (  # noqa: E402
+    Heavy,
     Targets,
     build_store,
     effects,
@@ -92,6 +99,7 @@ MIXES: dict[str, dict[str, int]] = {
 QUANTILES = (0.5, 0.95, 0.99)
 SAMPLE_SECONDS = 1.0
 STARVED_FACTOR = 2.0  # a request waiting more than this many times the p99 is starved
+FIRST_SHARE = 0.1  # the heavy requests go among this share of the first arrivals
 GROUP_WORK_EVENTS = ("request_accepted", "store_task_completed")  # who did what, per group
 
 
@@ -103,6 +111,8 @@ class LoadOptions:
     rate: float = 2.0  # requests per second, --mode rate
     duration: float = 60.0  # seconds of arrivals, --mode rate
     mix: str = "mixed"
+    heavy: int = 0  # people with --heavy-rows extra rows each, among the first requests
+    heavy_rows: int = 100_000
     processes: int = 2  # per worker group
     threads: int = 4
     worker_groups: int = 1  # as on that many hosts, sharing the broker and the state DB
@@ -148,6 +158,15 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
     p.add_argument("--rate", type=float, default=2.0, help="arrivals per second (--mode rate)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (rate)")
     p.add_argument("--mix", choices=tuple(MIXES), default="mixed")
+    p.add_argument(
+        "--heavy",
+        type=int,
+        default=0,
+        help="people with --heavy-rows extra rows each, among the first requests (0)",
+    )
+    p.add_argument(
+        "--heavy-rows", type=int, default=100_000, help="extra rows per heavy person (100,000)"
+    )
     p.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
     p.add_argument(
@@ -177,7 +196,12 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
     a = vars(p.parse_args(argv))
     if a["worker_groups"] < 1:
         p.error(f"--worker-groups {a['worker_groups']}: run 1 or more worker groups")
-    return LoadOptions(**a)
+    opts = LoadOptions(**a)
+    if not 0 <= opts.heavy <= opts.total:
+        p.error(f"--heavy {opts.heavy}: between 0 and the {opts.total} requests of the run")
+    if opts.heavy_rows < 0:
+        p.error(f"--heavy-rows {opts.heavy_rows}: 0 or more")
+    return opts
 
 
 # --------------------------------------------------------------------------- plan
@@ -191,6 +215,8 @@ class Plan:
     batch: list[BenchRequest]
     profile: list[BenchRequest]
     user_of: dict[str, int]  # email -> user id in the store
+    heavy: Heavy = Heavy()  # the store's heavy people: the users of `heavy_requests`
+    heavy_requests: tuple[str, ...] = ()
 
     def targets(self) -> Targets:
         """The users whose store rows the real run (warm-up and batch) changes."""
@@ -202,6 +228,18 @@ class Plan:
             frozenset(by_kind["correct"]),
             frozenset(by_kind["opt_out"]),
         )
+
+
+def first_arrivals(total: int) -> int:
+    """How many requests make the first 10 % of the run (at least one)."""
+    return max(1, math.ceil(total * FIRST_SHARE))
+
+
+def heavy_positions(total: int, heavy: int) -> list[int]:
+    """Where the heavy requests go: the first, the others evenly over the first 10 %
+    (further only if they outnumber it), so each one is batched with light requests."""
+    span = max(heavy, first_arrivals(total))
+    return [i * span // heavy for i in range(heavy)]
 
 
 def plan(opts: LoadOptions, run_id: str) -> Plan:
@@ -216,19 +254,26 @@ def plan(opts: LoadOptions, run_id: str) -> Plan:
     users = rng.sample(range(1, opts.users + 1), needed)
     people = [shopper(g) for g in users]
     warm, rest = people[: len(TYPE_MIX)], people[len(TYPE_MIX) :]
+    batch = [
+        BenchRequest(f"load-{run_id}-{i:05d}", k, p)
+        for i, (k, p) in enumerate(zip(kinds, rest, strict=False))
+    ]
+    user_of = {p.email: g for p, g in zip(people, users, strict=True)}
+    # the requests stay as they are: only their people grow heavy, so --heavy 0 is the
+    # same run and a heavy request has the type the mix gives its position
+    heavy = [batch[i] for i in heavy_positions(len(batch), opts.heavy)] if opts.heavy else []
     return Plan(
         warmup=tp.warmup_batch(warm, f"warm-{run_id}"),
-        batch=[
-            BenchRequest(f"load-{run_id}-{i:05d}", k, p)
-            for i, (k, p) in enumerate(zip(kinds, rest, strict=False))
-        ],
+        batch=batch,
         profile=[
             BenchRequest(f"prof-{run_id}-{i:05d}", k, p)
             for i, (k, p) in enumerate(zip(profile_kinds, rest[len(kinds) :], strict=False))
         ]
         if opts.profile
         else [],
-        user_of={p.email: g for p, g in zip(people, users, strict=True)},
+        user_of=user_of,
+        heavy=Heavy(tuple(user_of[r.person.email] for r in heavy), opts.heavy_rows),
+        heavy_requests=tuple(r.request_id for r in heavy),
     )
 
 
@@ -609,6 +654,41 @@ def latency(requests: list[dict[str, Any]], key: str) -> dict[str, dict[str, flo
     return tp.latency_summary(samples, QUANTILES)
 
 
+def latency_of(requests: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Latency to completion (`done`) and to the last mail (`mail`) of these requests."""
+    return tp.latency_summary(
+        {
+            "done": [r["done_s"] for r in requests if r["done_s"] is not None],
+            "mail": [r["mail_s"] for r in requests if r["mail_s"] is not None],
+        },
+        (0.5, 0.95),
+    )
+
+
+def heavy_report(requests: list[dict[str, Any]], the_plan: Plan) -> dict[str, Any]:
+    """Do the heavy people's requests hold back the light ones batched with them?
+
+    Light requests among the first 10 % of arrivals shared the pipeline's batches with
+    the heavy ones; all light requests are the yardstick.
+    """
+    heavy_ids = set(the_plan.heavy_requests)
+    position = {r.request_id: i for i, r in enumerate(the_plan.batch)}
+    first = first_arrivals(len(the_plan.batch))
+    light = [r for r in requests if r["request_id"] not in heavy_ids]
+    return {
+        "people": len(the_plan.heavy.users),
+        "rows_each": the_plan.heavy.per_person(),
+        "requests": [
+            {"position": position[r["request_id"]], **r}
+            for r in requests
+            if r["request_id"] in heavy_ids
+        ],
+        "first_arrivals": first,
+        "light_first": latency_of([r for r in light if position[r["request_id"]] < first]),
+        "light_all": latency_of(light),
+    }
+
+
 def run_real(
     opts: LoadOptions, run_id: str, folder: Path, store: Path, the_plan: Plan
 ) -> tp.RealRun:
@@ -746,7 +826,7 @@ def run(opts: LoadOptions) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"privacy-load-{run_id}-"))
     print(f"== privacy pipeline load run (work folder {work})", flush=True)
     the_plan = plan(opts, run_id)
-    sizes = table_sizes(opts.users)
+    sizes = table_sizes(opts.users, the_plan.heavy)
     result: dict[str, Any] = {
         "when": stamp,
         "options": {**asdict(opts), "results_dir": str(opts.results_dir), "total": opts.total},
@@ -759,9 +839,10 @@ def run(opts: LoadOptions) -> dict[str, Any]:
     with store_url("postgresql", opts.pg_admin_url, work, opts.keep) as store_db:
         print(f"-- store: {opts.users:,} users, {sum(sizes.values()):,} rows", flush=True)
         began = time.perf_counter()
-        steps = build_store(store_db, opts.users)
+        steps = build_store(store_db, opts.users, the_plan.heavy)
         result["store"] = {
             "rows": sizes,
+            "heavy_rows": the_plan.heavy.extra_rows(),
             "build_s": round(time.perf_counter() - began, 1),
             "build_steps_s": steps,
         }
@@ -770,7 +851,9 @@ def run(opts: LoadOptions) -> dict[str, Any]:
         before = fingerprint(store_db, targets)
         real = run_real(opts, run_id, work / "real", stores, the_plan)
         result["real"] = real.result
-        result["store"]["effects"] = effects(store_db, targets, before)
+        if the_plan.heavy_requests:
+            result["heavy"] = heavy_report(real.result["per_request"], the_plan)
+        result["store"]["effects"] = effects(store_db, targets, before, the_plan.heavy)
         result["machine"]["load_average_after"] = os.getloadavg()
         if opts.noop:
             result["noop"] = tp.run_noop(opts.throughput_options(), run_id, work / "noop", real)
@@ -816,9 +899,19 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for kind in sorted({r["type"] for r in requests}):
         mine = [r for r in requests if r["type"] == kind and r["mail_s"] is not None]
         lat.scatter([r["submitted_s"] for r in mine], [r["mail_s"] for r in mine], s=10, label=kind)
+    heavy = [r for r in result.get("heavy", {}).get("requests", []) if r["mail_s"] is not None]
+    if heavy:
+        lat.scatter(
+            [r["submitted_s"] for r in heavy],
+            [r["mail_s"] for r in heavy],
+            s=60,
+            marker="x",
+            color="black",
+            label="heavy person",
+        )
     lat.set_ylabel("latency to the outcome mail (s)")
     lat.set_title(title(result), fontsize=10)
-    lat.legend(loc="upper left", fontsize=8)
+    lat.legend(loc="upper right", fontsize=8)  # the first arrivals (and heavy people) are left
     lat.grid(alpha=0.3)
 
     end = int(max((r["finished_s"] for r in requests), default=0)) + 1
@@ -877,9 +970,11 @@ def title(result: dict[str, Any]) -> str:
 def print_report(result: dict[str, Any]) -> None:
     real, store = result["real"], result["store"]
     print(f"\n== Load: {title(result)}")
+    heavy_rows = sum(store.get("heavy_rows", {}).values())
     print(
-        f"   store: {sum(store['rows'].values()):,} rows, built in {store['build_s']} s "
-        f"{store['build_steps_s']}"
+        f"   store: {sum(store['rows'].values()):,} rows"
+        + (f" ({heavy_rows:,} of them the heavy people's)" if heavy_rows else "")
+        + f", built in {store['build_s']} s {store['build_steps_s']}"
     )
     print(
         f"   completed {real['completed']}/{real['requests']} in {real['wall_s']} s: "
@@ -903,6 +998,8 @@ def print_report(result: dict[str, Any]) -> None:
         done = " ".join(f"{d[k]:>7}" for k in ("p50_s", "p95_s", "p99_s", "max_s"))
         mail = " ".join(f"{m.get(k, '-'):>7}" for k in ("p50_s", "p95_s", "p99_s", "max_s"))
         print(f"   {kind:<8} {d['n']:>5} {done}   {mail}")
+    if result.get("heavy"):
+        print_heavy(result["heavy"])
     print(
         f"\n   {'process':<20} {'pid':>7} {'RSS MB':>8} {'peak MB':>8} {'CPU s':>8} {'CPU/wall':>9}"
     )
@@ -977,6 +1074,27 @@ def print_report(result: dict[str, Any]) -> None:
         f"   results: {result.get('json_file')}"
         + (f", {result['plot_file']}" if result.get("plot_file") else "")
     )
+
+
+def print_heavy(heavy: dict[str, Any]) -> None:
+    """The heavy requests' latency next to the light ones' of the first 10 % and of all."""
+    rows = ", ".join(f"{t} {n:,}" for t, n in heavy["rows_each"].items())
+    print(f"\n   heavy people: {heavy['people']}, each with extra rows {rows}")
+    for r in heavy["requests"]:
+        print(
+            f"   heavy {r['type']:<8} #{r['position']:<4} received -> completed {r['done_s']} s, "
+            f"-> last mail {r['mail_s']} s ({r['state']})"
+        )
+    for label, key in (
+        (f"light, first {heavy['first_arrivals']} arrivals", "light_first"),
+        ("light, all", "light_all"),
+    ):
+        done, mail = heavy[key].get("done", {}), heavy[key].get("mail", {})
+        print(
+            f"   {label:<28} n {done.get('n', 0):>4}: completed p50/p95/max "
+            f"{done.get('p50_s')}/{done.get('p95_s')}/{done.get('max_s')} s, last mail "
+            f"{mail.get('p50_s')}/{mail.get('p95_s')}/{mail.get('max_s')} s"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

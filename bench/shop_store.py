@@ -27,10 +27,15 @@ Erasure, as the mapping says (docs/connectors.md, "Declare how it is erased"):
   people's comments on the person's videos (a non-owner reference, removed before the
   video). The card number is a secret: never exported.
 
+**Heavy people** (`Heavy`, optional): a few users who own many extra rows each (by
+default 100,000), spread over comments, login events (deleted on erasure) and orders
+(retained), to see whether one huge footprint holds back the requests batched with it.
+Their rows get ids after every generated row, so the rest of the store is unchanged.
+
 `build_store` fills a database; `write_config` writes the mapping and a stores TOML that
 names only this store (`PRIVACY_STORES_CONFIG`); `effects` checks what requests did.
 
-    .venv/bin/python bench/shop_store.py --users 100000 [--keep]    # build it, and time it
+    .venv/bin/python bench/shop_store.py --users 100000 [--heavy 1 [--heavy-rows 100000]] [--keep]
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` importable
 import sqlalchemy as sa  # noqa: E402
 
 from bench.connector_scale import PG_ADMIN_URL, store_url  # noqa: E402
-from bench.workload import Person  # noqa: E402
+from bench.workload import Person, type_counts  # noqa: E402
 
 STORE = "shop"
 # related table -> rows per user; with the users row, 23 rows per person
@@ -63,6 +68,9 @@ OWNER = {
     "comments": "author_id",
     "login_events": "user_id",
 }
+# where a heavy person's extra rows go, by weight: two tables erasure deletes and one it
+# retains, so both paths of an erasure (and every export) carry the weight
+HEAVY_SHARE = {"comments": 5, "login_events": 4, "orders": 1}
 ANONYMIZED = {"name": "[erased]", "job_title": "[erased]", "company": "[erased]"}
 CORRECTED = {"job_title": "Director of Enablement", "company": "Allego Benchmarks Inc"}
 
@@ -213,11 +221,57 @@ def shopper(g: int) -> Person:
     return Person(f"shopper{g}@example.com", f"Shopper {g}")
 
 
-def table_sizes(users: int) -> dict[str, int]:
-    return {"users": users, **{t: users * k for t, k in PER_USER.items()}}
+@dataclass(frozen=True)
+class Heavy:
+    """The heavy people of a store: each of `users` owns `rows` extra rows."""
+
+    users: tuple[int, ...] = ()
+    rows: int = 0
+
+    def per_person(self) -> dict[str, int]:
+        """One heavy person's extra rows, per table (none without heavy people)."""
+        return type_counts(self.rows, HEAVY_SHARE) if self.users else {}
+
+    def extra_rows(self) -> dict[str, int]:
+        return {t: n * len(self.users) for t, n in self.per_person().items()}
+
+    def orders_of(self, user: int) -> int:
+        """How many orders `user` has: all of them are kept when the user is erased."""
+        extra = self.per_person().get("orders", 0) if user in self.users else 0
+        return PER_USER["orders"] + extra
 
 
-def build_store(url: str, users: int) -> dict[str, float]:
+def table_sizes(users: int, heavy: Heavy = Heavy()) -> dict[str, int]:
+    sizes = {"users": users, **{t: users * k for t, k in PER_USER.items()}}
+    for table, extra in heavy.extra_rows().items():
+        sizes[table] += extra
+    return sizes
+
+
+def insert_rows(table: str, first: int, last: int, owner: str, videos: int) -> str:
+    """INSERT of rows `first`..`last` of `table`; `owner` is the owner's id from the row
+    number `g`, and a comment's video is one of the first `videos`."""
+    return (
+        f"INSERT INTO {table} ({COLUMNS[table]}) SELECT {VALUES[table].format(videos=videos)} "
+        f"FROM (SELECT g, {owner} AS o FROM generate_series({first}, {last}) AS s(g)) AS n"
+    )
+
+
+def heavy_inserts(users: int, heavy: Heavy) -> list[str]:
+    """The heavy people's extra rows, numbered after the table's own, person by person."""
+    base = table_sizes(users)
+    owners = f"(ARRAY[{', '.join(map(str, heavy.users))}]::bigint[])"
+    statements = []
+    for table, each in heavy.per_person().items():
+        if each:
+            first = base[table] + 1
+            owner = f"{owners}[(g - {first}) / {each} + 1]"
+            last = base[table] + each * len(heavy.users)
+            statements.append(insert_rows(table, first, last, owner, base["videos"]))
+    return statements
+
+
+def build_store(url: str, users: int, heavy: Heavy = Heavy()) -> dict[str, float]:
     """Create and fill the store in the (empty) database at `url`; seconds per step."""
     sizes = table_sizes(users)
     timings: dict[str, float] = {}
@@ -243,13 +297,11 @@ def build_store(url: str, users: int) -> dict[str, float]:
                 f"FROM generate_series(1, {users}) AS s(g)"
             ]
             for table, per_user in PER_USER.items():
-                values = VALUES[table].format(videos=sizes["videos"])
-                rows.append(
-                    f"INSERT INTO {table} ({COLUMNS[table]}) SELECT {values} FROM "
-                    f"(SELECT g, (g - 1) / {per_user} + 1 AS o "
-                    f"FROM generate_series(1, {sizes[table]}) AS s(g)) AS n"
-                )
+                owner = f"(g - 1) / {per_user} + 1"
+                rows.append(insert_rows(table, 1, sizes[table], owner, sizes["videos"]))
             step("rows", rows, conn)
+            if heavy.users:
+                step("heavy rows", heavy_inserts(users, heavy), conn)
             indexes = ["CREATE INDEX ix_users_email ON users (lower(trim(email)))"]
             indexes += [f"CREATE INDEX ix_{t}_{c} ON {t} ({c})" for t, c in OWNER.items()]
             indexes.append("CREATE INDEX ix_comments_video_id ON comments (video_id)")
@@ -331,10 +383,13 @@ def fingerprint(url: str, targets: Targets) -> dict[str, list[int]]:
         engine.dispose()
 
 
-def effects(url: str, targets: Targets, before: dict[str, list[int]]) -> dict[str, Any]:
+def effects(
+    url: str, targets: Targets, before: dict[str, list[int]], heavy: Heavy = Heavy()
+) -> dict[str, Any]:
     """What the requests did to the store, against what they should have done.
 
-    Erased: no identifiable users row, none of their deletable rows, their orders kept.
+    Erased: no identifiable users row, none of their deletable rows, their orders kept
+    (a heavy person's extra ones too).
     Corrected: the two corrected fields set. Opted out: no marketing. Everyone else:
     the fingerprint of the store unchanged.
     """
@@ -386,7 +441,7 @@ def effects(url: str, targets: Targets, before: dict[str, list[int]]) -> dict[st
         "erased_found_by_email": by_email,
         "erased_rows_left": {t: v for t, v in leftovers.items() if v},
         "erased_orders_retained": orders_kept,
-        "erased_orders_expected": PER_USER["orders"] * len(erased),
+        "erased_orders_expected": sum(heavy.orders_of(g) for g in erased),
         "not_corrected": not_corrected,
         "still_opted_in": still_opted_in,
         "others_changed": sorted(t for t in before if before[t] != after.get(t)),
@@ -406,17 +461,20 @@ def effects(url: str, targets: Targets, before: dict[str, list[int]]) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the load benchmark's shop store.")
     parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--heavy", type=int, default=0, help="heavy people: users 1..N")
+    parser.add_argument("--heavy-rows", type=int, default=100_000, help="extra rows each")
     parser.add_argument("--pg-admin-url", default=PG_ADMIN_URL)
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args(argv)
-    sizes = table_sizes(args.users)
+    heavy = Heavy(tuple(range(1, min(args.heavy, args.users) + 1)), args.heavy_rows)
+    sizes = table_sizes(args.users, heavy)
     print(f"shop store: {sum(sizes.values()):,} rows ({sizes})", flush=True)
     with (
         tempfile.TemporaryDirectory(prefix="shop-store-") as folder,
         store_url("postgresql", args.pg_admin_url, Path(folder), args.keep) as url,
     ):
         began = time.perf_counter()
-        build_store(url, args.users)
+        build_store(url, args.users, heavy)
         print(f"built in {time.perf_counter() - began:.1f} s: {url}")
     return 0
 
