@@ -47,7 +47,10 @@ Anonymizers: `email` (erased-<hash>@invalid.example), `hash` (erased-<hash>),
 
 Reads for a batch of people (`locate_many`, `export_many`, see `BatchReads`) cost what
 a read for one costs: one query per table and level (and `batch_size` values) for the
-whole batch, not one per person.
+whole batch, not one per person. Only people whose values the database may take for
+one another's though Python tells them apart ('abc' and 'ABC' to a case-insensitive
+collation, 'jose' and 'josé' to an accent-insensitive one) are read alone, so that a
+batch finds for each person exactly what reading them alone finds.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ import decimal
 import hashlib
 import os
 import re
+import string
 import threading
 import tomllib
 import uuid
@@ -65,6 +69,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +578,62 @@ def normalize_email(value: str) -> str:
     return value.strip().lower()
 
 
+_ASCII_LETTERS_AND_DIGITS = string.ascii_letters + string.digits
+_IGNORED = bytes(c for c in range(128) if chr(c) not in _ASCII_LETTERS_AND_DIGITS)
+# lower case, and the letters some tailoring makes one: j = y = i (MariaDB's Roman and
+# Lithuanian), v = w = u (its Roman; ICU's traditional Swedish and Finnish), k = q (ICU's
+# Greenlandic: K' is q)
+_FOLDED = bytes.maketrans(
+    string.ascii_letters.encode(),
+    (string.ascii_lowercase * 2).translate(str.maketrans("jyvwk", "iiuuq")).encode(),
+)
+# ICU's Hungarian: a doubled digraph is written with its first letter doubled, ccs = cscs
+# (gy, ly, ny, ty spelled with i, as the letters are folded first)
+_DOUBLED_DIGRAPH = re.compile(r"(dzs|cs|dz|gi|li|ni|sz|ti|zs)\1")
+# MariaDB's Lithuanian: ch is c, so chh is c followed by h
+_C_AND_HS = re.compile(r"ch+")
+_LEADING_ZEROS = re.compile(r"(?<![0-9])0+(?=[0-9])")
+
+
+def lenient_keys(value: str) -> tuple[str, str]:
+    """Two keys of an ASCII text, such that any two texts a lenient comparison may take
+    for one share the first key or the second.
+
+    Deliberately more lenient than any collation (a conservative superset): people
+    whose values merely share a key are read alone, which costs a query or two, while
+    people a collation confuses but the keys kept apart would lose rows. So the keys
+    ignore case; spaces (trailing ones are ignored under PAD SPACE: MariaDB's and
+    MySQL's collations but the NO PAD ones, `_bin` included, and SQLite's RTRIM),
+    punctuation (ICU's alternate=shifted) and control characters (ignorable to Unicode
+    collations); the differences between letters that tailorings make one (`_FOLDED`,
+    `_DOUBLED_DIGRAPH`, `_C_AND_HS`); and, in the second key only, leading zeros (ICU's
+    numeric ordering, 01 = 1; not in the first, as "a0 0" = "a00" once spaces go).
+
+    Checked against every utf8mb4 collation of MariaDB 10.11, SQLite's NOCASE and RTRIM,
+    PostgreSQL's citext, and ICU (of PostgreSQL 15): its root at every strength, shifted
+    or not, numeric or not, and every language it ships at strength 1 shifted, with the
+    traditional and search variants; over every ASCII text of up to two characters and
+    of three letters (tests/integration/connectors/test_sql_lenient_keys_on_servers.py
+    repeats the part that matters). Not checked: MySQL 8's `_0900_` collations (no
+    server at hand) and collations with rules of their own.
+
+    Only ASCII: beyond it collations disagree too much for one key (ß is s to MariaDB's
+    general_ci but ss to Unicode's; general_ci takes every character beyond the BMP for
+    one), so a text outside ASCII is taken as anyone's look-alike
+    (`_Lookup.confusable_people`).
+    """
+    first = _letters_and_digits(value)
+    if "0" not in value:
+        return first, first
+    return first, _letters_and_digits(_LEADING_ZEROS.sub("", value))
+
+
+def _letters_and_digits(value: str) -> str:
+    folded = value.encode("ascii").translate(_FOLDED, _IGNORED).decode("ascii")
+    undoubled = _DOUBLED_DIGRAPH.sub(lambda m: m[1][0] + m[1], folded)
+    return _C_AND_HS.sub("c", undoubled) if "ch" in undoubled else undoubled
+
+
 def _sort_key(value: Any) -> tuple[int, Any]:
     return (0, value) if isinstance(value, int) else (1, str(value))
 
@@ -603,6 +664,77 @@ class _Lookup:
 
     def of(self, person: int) -> _Lookup:
         return _Lookup(self.column, {v: [person] for v, ns in self.wanted.items() if person in ns})
+
+    @property
+    def people(self) -> set[int]:
+        return {n for ns in self.wanted.values() for n in ns}
+
+    def without(self, people: set[int]) -> _Lookup:
+        kept = {v: [n for n in ns if n not in people] for v, ns in self.wanted.items()}
+        return _Lookup(self.column, {v: ns for v, ns in kept.items() if ns})
+
+    def confusable_people(self) -> set[int]:
+        """People whose text value a lenient comparison may take for someone else's.
+
+        A row holding exactly one of two such values would go to its own people only,
+        though the others would find it alone. Values asked for by the same people
+        cannot be confused; a value outside ASCII may be anyone's look-alike.
+        """
+        if len(self.people) < 2:
+            return set()
+        confusable: set[int] = set()
+        classes: dict[str, list[str]] = defaultdict(list)
+        for value in self.wanted:
+            if not isinstance(value, str):
+                continue
+            if not value.isascii():
+                confusable.update(self.wanted[value])
+                continue
+            first, second = lenient_keys(value)
+            classes[first].append(value)
+            if second != first:
+                classes[second].append(value)
+        for values in classes.values():
+            if len(values) > 1 and len({frozenset(self.wanted[v]) for v in values}) > 1:
+                for value in values:
+                    confusable.update(self.wanted[value])
+        return confusable
+
+    def may_match_leniently(self, value: Any) -> bool:
+        """Whether the database may have matched `value`, which nobody asked for as such,
+        to a wanted text value. Other values compare exactly: a number, a date."""
+        if not isinstance(value, str):
+            return False
+        keys = self._text_keys
+        if keys is None:
+            return True
+        return bool(keys) and (not value.isascii() or not keys.isdisjoint(lenient_keys(value)))
+
+    @cached_property
+    def _text_keys(self) -> set[str] | None:
+        """The lenient keys of the wanted text values, or None if one is outside ASCII
+        (anything may match it). Computed when the rows come back: the lookup is whole."""
+        keys: set[str] = set()
+        for value in self.wanted:
+            if isinstance(value, str):
+                if not value.isascii():
+                    return None
+                keys.update(lenient_keys(value))
+        return keys
+
+
+def _owners(lookups: Sequence[_Lookup], compared: Sequence[Any]) -> list[int] | None:
+    """Who of a batch a row belongs to, by the values the database compared for it; None
+    when that cannot be told: no one asked for any of them as such, or one may have
+    matched a look-alike (`_Lookup.may_match_leniently`)."""
+    owners: list[int] = []
+    for lk, value in zip(lookups, compared, strict=True):
+        people = lk.wanted.get(value)
+        if people is not None:
+            owners += people
+        elif lk.may_match_leniently(value):
+            return None
+    return owners or None
 
 
 # --------------------------------------------------------------------------- connector
@@ -868,18 +1000,53 @@ class SqlConnector:
         """The rows of `table` each person of a batch looks for: person -> key -> row.
 
         One query per `batch_size` values for the whole batch. Each row comes back with
-        the values the database compared, which say whose it is (everyone who asked for
-        one of them). A row matched on a value nobody asked for as such (a text id
-        compared with a number, a lenient collation) has the table read person by
-        person instead, so a batch never finds less than its people would alone.
+        the values the database compared, which say whose it is: everyone who asked for
+        one of them. Under a lenient comparison (a case- or accent-insensitive collation,
+        trailing spaces ignored) that is not the whole answer: two people's different
+        values may be one to the database, so a row holding exactly one of them belongs
+        to both. People whose values may be so confused (`_Lookup.confusable_people`)
+        are read alone, the others together; and a row whose owners cannot all be told
+        (it matched a value nobody asked for as such: a text id compared with a number,
+        a look-alike under a lenient collation) has the table read person by person. So
+        a batch finds for each person exactly what reading them alone finds.
         """
         lookups = [lk for lk in lookups if lk.wanted]
-        people = sorted({n for lk in lookups for ns in lk.wanted.values() for n in ns})
-        if not people:
-            return {}
-        tm = self.mapping.tables[table]
+        people = set().union(*(lk.people for lk in lookups))
+        apart: set[int] = set()
+        if len(people) > 1:
+            apart = set().union(*(lk.confusable_people() for lk in lookups))
+        together = [lk.without(apart) for lk in lookups] if apart else lookups
+        found = self._select_together(conn, table, [lk for lk in together if lk.wanted])
+        if found is None:
+            found, apart = {}, people
+        for n in sorted(apart):
+            found[n] = self._select_one(conn, table, lookups, n)
+        return found
+
+    def _select_together(
+        self, conn: Connection, table: str, lookups: Sequence[_Lookup]
+    ) -> dict[int, dict[Any, Row]] | None:
+        """Each person's rows, told apart by the values the database compared; None if a
+        row may have matched someone on a value nobody asked for as such."""
+        people = sorted(set().union(*(lk.people for lk in lookups)))
+        found: dict[int, dict[Any, Row]] = {n: {} for n in people}
+        pk = self.mapping.tables[table].primary_key
+        for row, compared in self._matches(conn, table, lookups):
+            owners = people if len(people) == 1 else _owners(lookups, compared)
+            if owners is None:
+                return None
+            for n in owners:
+                found[n][row[pk]] = row
+        return found
+
+    def _matches(
+        self, conn: Connection, table: str, lookups: Sequence[_Lookup]
+    ) -> Iterator[tuple[Row, tuple[Any, ...]]]:
+        """The rows of `table` any lookup matches, each with the values compared."""
+        if not lookups:
+            return
         t = self._tables[table]
-        names = tm.all_columns
+        names = self.mapping.tables[table].all_columns
         width = len(names)
         columns = [
             *(t.c[c] for c in names),
@@ -888,28 +1055,12 @@ class SqlConnector:
         chunks = [
             list(batched(sorted(lk.wanted, key=_sort_key), self.batch_size)) for lk in lookups
         ]
-        alone = people[0] if len(people) == 1 else None
-        found: dict[int, dict[Any, Row]] = {n: {} for n in people}
         for i in range(max(len(c) for c in chunks)):
             where = sa.or_(
                 *(lk.column.in_(c[i]) for lk, c in zip(lookups, chunks, strict=True) if i < len(c))
             )
             for record in conn.execute(sa.select(*columns).where(where)):
-                row = dict(zip(names, record[:width], strict=True))
-                if alone is not None:
-                    owners = [alone]
-                else:
-                    owners = [
-                        n
-                        for lk, value in zip(lookups, record[width:], strict=True)
-                        for n in lk.wanted.get(value, ())
-                    ]
-                    if not owners:
-                        return {n: self._select_one(conn, table, lookups, n) for n in people}
-                pk = row[tm.primary_key]
-                for n in owners:
-                    found[n][pk] = row
-        return found
+                yield dict(zip(names, record[:width], strict=True)), tuple(record[width:])
 
     def _select_one(
         self, conn: Connection, table: str, lookups: Sequence[_Lookup], person: int

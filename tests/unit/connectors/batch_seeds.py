@@ -97,8 +97,10 @@ amount = "financial data"
 """
 
 EMAILS = ["ann@example.com", "bo@example.com", "cy@example.com", "di@example.com"]
+# one to a case- and accent-insensitive collation with Ann's and Bo's, not to Python
+ACCENTED = ["ánn@example.com", "BÖ@example.com"]
 ERASED = "erased-0123456789abcdef@invalid.example"
-MEMBER_NOS = ["7", "8", "m-9", "10"]
+MEMBER_NOS = ["7", "8", "m-9", "M-9", "10"]
 USER_IDS = [7, 8, 9, 10]
 
 
@@ -106,21 +108,29 @@ def mapping() -> SqlMapping:
     return SqlMapping.from_dict(tomllib.loads(MAPPING), store=STORE)
 
 
-def create_tables(engine: sa.Engine, schema: str | None = None) -> sa.MetaData:
+def create_tables(
+    engine: sa.Engine, schema: str | None = None, lenient: str | None = None
+) -> sa.MetaData:
+    """The store's tables; `lenient` names a collation (NOCASE on SQLite, a `_ci` one on
+    MariaDB) for the text columns people are found by: emails, member numbers and the
+    likes' profile reference (keys stay as the database makes them)."""
     md = sa.MetaData(schema=schema)
     text, num = sa.Text, sa.Integer
+    found_by = sa.String(120, collation=lenient)
     sa.Table(
         "accounts",
         md,
         sa.Column("id", num, primary_key=True),
-        *(sa.Column(c, text) for c in ("email", "name", "password_hash")),
+        sa.Column("email", found_by),
+        *(sa.Column(c, text) for c in ("name", "password_hash")),
         sa.Column("user_id", num),
     )
     sa.Table(
         "profiles",
         md,
-        sa.Column("id", text, primary_key=True),
-        *(sa.Column(c, text) for c in ("email", "member_no", "handle")),
+        sa.Column("id", sa.String(64), primary_key=True),  # a key: MariaDB wants a length
+        *(sa.Column(c, found_by) for c in ("email", "member_no")),
+        sa.Column("handle", text),
     )
     for name, refs, column in (
         ("posts", ("author_id", "mentions_id"), "title"),
@@ -129,7 +139,7 @@ def create_tables(engine: sa.Engine, schema: str | None = None) -> sa.MetaData:
         ("thumbnails", ("attachment_id",), "size"),
         ("invoices", ("account_id",), "amount"),
     ):
-        extra = [sa.Column("profile_id", text)] if name == "likes" else []
+        extra = [sa.Column("profile_id", found_by)] if name == "likes" else []
         sa.Table(
             name,
             md,
@@ -160,8 +170,8 @@ def connector(url: str, schema: str | None = None, batch_size: int = 3) -> SqlCo
 
 
 def _email() -> st.SearchStrategy[str]:
-    """A known email, as stored: any case, with spaces around, or an anonymized one."""
-    plain = st.sampled_from(EMAILS)
+    """A known email, as stored: any case, accented, with spaces around, or anonymized."""
+    plain = st.sampled_from([*EMAILS, *ACCENTED])
     styled = st.tuples(plain, st.sampled_from(["", " ", "  "]), st.booleans()).map(
         lambda t: f"{t[1]}{t[0].upper() if t[2] else t[0]}{t[1]}"
     )
@@ -208,9 +218,12 @@ def store_rows(draw: st.DrawFn) -> dict[str, list[dict[str, Any]]]:
         "likes": [
             {
                 "id": i,
-                "profile_id": draw(
+                "profile_id": draw(  # P-1 is p-1 only to a case-insensitive column
                     st.one_of(
-                        st.none(), st.sampled_from([f"p-{n}" for n in range(1, profiles + 2)])
+                        st.none(),
+                        st.sampled_from(
+                            [f"{p}-{n}" for n in range(1, profiles + 2) for p in ("p", "P")]
+                        ),
                     )
                 ),
                 "post_id": draw(maybe_post),
@@ -239,17 +252,18 @@ def store_rows(draw: st.DrawFn) -> dict[str, list[dict[str, Any]]]:
 
 
 def identity_strategy() -> st.SearchStrategy[Identity]:
-    """Someone asking: a known email (any case and spacing), an unknown or empty one, an
-    anonymized one, with or without a product id (one that fits the numeric user id
-    column, one that only fits the text member number, one that fits neither)."""
+    """Someone asking: a known email (any case and spacing, or accented), an unknown or
+    empty one, an anonymized one, with or without a product id (one that fits the numeric
+    user id column, one that only fits the text member number in either case, one that
+    fits neither)."""
     email = st.one_of(
-        st.sampled_from(EMAILS),
+        st.sampled_from([*EMAILS, *ACCENTED]),
         st.sampled_from(EMAILS).map(lambda e: f" {e.upper()} "),
         st.sampled_from(["", "missing@example.org", ERASED]),
     )
     product = st.one_of(
         st.just({}),
-        st.sampled_from(["7", "8", "9", "10", "m-9", "x7", ""]).map(lambda v: {STORE: v}),
+        st.sampled_from(["7", "8", "9", "10", "m-9", "M-9", "x7", ""]).map(lambda v: {STORE: v}),
         st.just({"other-store": "7"}),
     )
     return st.builds(Identity, email=email, product_ids=product)

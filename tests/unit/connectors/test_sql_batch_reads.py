@@ -4,7 +4,8 @@ queries as one person does (tests/integration/connectors has the same on Postgre
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,30 @@ from tests.unit.connectors import batch_seeds as seeds
 from tests.unit.connectors.batch_seeds import STORE
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SqlConnector, Any]]:
-    url = f"sqlite:///{tmp_path_factory.mktemp('batch') / 'forum.db'}"
+@contextmanager
+def sqlite_store(
+    folder: Path, lenient: str | None = None
+) -> Iterator[tuple[SqlConnector, Callable[[dict[str, list[dict[str, Any]]]], None]]]:
+    """The forum store in a SQLite file, and a function that replaces its rows."""
+    url = f"sqlite:///{folder / 'forum.db'}"
     engine = sa.create_engine(url)
-    md = seeds.create_tables(engine)
+    md = seeds.create_tables(engine, lenient=lenient)
     connector = seeds.connector(url, batch_size=3)  # small: values span several queries
-    yield connector, lambda rows: seeds.fill(engine, md, rows)
-    connector.close()
-    engine.dispose()
+    try:
+        yield connector, lambda rows: seeds.fill(engine, md, rows)
+    finally:
+        connector.close()
+        engine.dispose()
+
+
+@pytest.fixture(scope="module", params=[None, "NOCASE"], ids=["exact", "nocase"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[SqlConnector, Any]]:
+    """The forum store, its emails, member numbers and profile references compared
+    exactly, or without regard to (ASCII) case."""
+    with sqlite_store(tmp_path_factory.mktemp("batch"), lenient=request.param) as store:
+        yield store
 
 
 def assert_batch_reads_as_alone(connector: SqlConnector, people: list[Identity]) -> None:
@@ -89,6 +105,55 @@ def test_people_sharing_rows_each_get_them_with_their_own_path_and_redactions(
     assert bo_export.records["posts"][0]["mentions_id"] == REDACTED  # Ann's account, to Bo
     assert "posts" not in ann_export.records  # mentioned in it, but it is not hers
     assert_batch_reads_as_alone(connector, people)
+
+
+def test_people_whose_ids_a_case_insensitive_column_takes_for_one_each_find_all_rows(
+    tmp_path: Path,
+) -> None:
+    """To a NOCASE column m-9 and M-9 are one member number, and p-3 and P-3 (two
+    profiles) one profile reference: whoever asks for either finds the rows of both,
+    alone and so in a batch, though Python tells the values apart."""
+    with sqlite_store(tmp_path, lenient="NOCASE") as (connector, fill):
+        fill(
+            {
+                "profiles": [
+                    {"id": "p-1", "email": "ann@example.com", "member_no": "m-9", "handle": "a"},
+                    {"id": "p-2", "email": "bo@example.com", "member_no": "M-9", "handle": "b"},
+                    {"id": "p-3", "email": "cy@example.com", "member_no": "c-1", "handle": "c"},
+                    {"id": "P-3", "email": "di@example.com", "member_no": "d-1", "handle": "d"},
+                ],
+                "likes": [
+                    {"id": 1, "profile_id": "p-3", "post_id": None, "at": "t1"},
+                    {"id": 2, "profile_id": "P-3", "post_id": None, "at": "t2"},
+                ],
+            }
+        )
+        people = [
+            Identity("", product_ids={STORE: "m-9"}),
+            Identity("", product_ids={STORE: "M-9"}),
+            Identity("cy@example.com"),
+            Identity("di@example.com"),
+        ]
+        found = [{(r.collection, r.key) for r in f.records} for f in connector.locate_many(people)]
+        assert found[0] == found[1] == {("profiles", "p-1"), ("profiles", "p-2")}
+        assert found[2] == {("profiles", "p-3"), ("likes", "1"), ("likes", "2")}
+        assert found[3] == {("profiles", "P-3"), ("likes", "1"), ("likes", "2")}
+        assert_batch_reads_as_alone(connector, people)
+        assert_batch_reads_as_alone(connector, [*people, *reversed(people)])
+
+
+def test_a_row_found_for_one_person_by_email_is_found_for_another_by_a_look_alike_id(
+    tmp_path: Path,
+) -> None:
+    """Ann's profile matches her email exactly and, to a NOCASE column, the member number
+    m-9 someone else asks for: it is both people's, in a batch as alone."""
+    with sqlite_store(tmp_path, lenient="NOCASE") as (connector, fill):
+        ann = {"id": "p-1", "email": "ann@example.com", "member_no": "M-9", "handle": "a"}
+        fill({"profiles": [ann]})
+        people = [Identity("ann@example.com"), Identity("", product_ids={STORE: "m-9"})]
+        found = connector.locate_many(people)
+        assert [[r.key for r in f.records] for f in found] == [["p-1"], ["p-1"]]
+        assert_batch_reads_as_alone(connector, people)
 
 
 def test_a_batch_finds_rows_the_database_matches_across_types(tmp_path: Path) -> None:
