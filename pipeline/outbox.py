@@ -64,6 +64,9 @@ class Wanted:
     args: tuple[Any, ...]
 
 
+_OUTBOX = cast(Table, OutboxRow.__table__)
+
+
 def add_all(session: Session, wanted: Sequence[Wanted]) -> list[Envelope]:
     """Insert the outbox rows of keys never asked before, in one statement; returns the
     envelopes of the rows it inserted (a key asked before, by this or an earlier
@@ -85,8 +88,10 @@ def add_all(session: Session, wanted: Sequence[Wanted]) -> list[Envelope]:
         for w in unique
     ]
     # one statement whatever the number of rows (sent as multi-row VALUES): compiled once
-    # per process, not once per batch size
-    inserted = set(session.execute(_insert_new(session.get_bind().dialect.name), rows).scalars())
+    # per process, not once per batch size; on the table, not the mapped class, so the
+    # rows skip the ORM's bulk-insert bookkeeping (nothing maps them back to objects)
+    statement = _insert_new(session.get_bind().dialect.name)
+    inserted = set(session.connection().execute(statement, rows).scalars())
     return [
         Envelope(id=r["id"], actor=r["actor"], queue=r["queue"], args=tuple(r["args"]))
         for r in rows
@@ -98,9 +103,9 @@ def add_all(session: Session, wanted: Sequence[Wanted]) -> list[Envelope]:
 def _insert_new(dialect: str) -> Any:
     insert: Any = pg_insert if dialect == "postgresql" else sqlite_insert
     return (
-        insert(OutboxRow)
-        .on_conflict_do_nothing(index_elements=[OutboxRow.key])
-        .returning(OutboxRow.key)
+        insert(_OUTBOX)
+        .on_conflict_do_nothing(index_elements=[_OUTBOX.c.key])
+        .returning(_OUTBOX.c.key)
     )
 
 
@@ -182,7 +187,6 @@ def mark_published(factory: sessionmaker[Session], marks: Sequence[Mark]) -> Non
         session.connection().execute(_MARK, [{"row_id": row_id, "at": at} for row_id, at in marks])
 
 
-_OUTBOX = cast(Table, OutboxRow.__table__)
 _MARK = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id == bindparam("row_id"))
