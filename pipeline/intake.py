@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from pipeline import audit, batch, contract, policy, topology
 from pipeline.contract import IntakeDocument
@@ -135,9 +136,10 @@ def _commit(app: App, items: list[_Valid]) -> list[IntakeResult | Exception]:
     results: list[IntakeResult | Exception] = []
     accepted: list[dict[str, Any]] = []
     with UnitOfWork(app) as uow:
+        known = _Known.of(app, uow.session, items)
         for item in items:
             try:
-                results.append(_add(app, uow, item, accepted))
+                results.append(_add(app, uow, item, accepted, known))
             except ConflictingRequest as exc:
                 results.append(exc)
     _log_accepted(accepted)
@@ -149,15 +151,52 @@ def _log_accepted(accepted: list[dict[str, Any]]) -> None:
         log.info("request_accepted", **fields)
 
 
-def _add(app: App, uow: UnitOfWork, item: _Valid, accepted: list[dict[str, Any]]) -> IntakeResult:
+@dataclass
+class _Known:
+    """What the state database holds for a group of documents, read in two queries for
+    the whole group and kept up to date as the group's requests are added: the content
+    fingerprint stored under each id, and the oldest open request of each subject."""
+
+    fingerprints: dict[str, str]
+    oldest_open: dict[str, tuple[datetime, str]]  # subject hash -> (received_at, id)
+
+    @classmethod
+    def of(cls, app: App, session: Session, items: list[_Valid]) -> _Known:
+        ids = [item.doc.request_id for item in items]
+        subjects = {app.blind.email(item.doc.subject.email) for item in items}
+        stored = select(RequestRow.id, RequestRow.content_hash).where(RequestRow.id.in_(ids))
+        known = cls(
+            {request_id: fingerprint for request_id, fingerprint in session.execute(stored)}, {}
+        )
+        open_ones = select(RequestRow.subject_hash, RequestRow.received_at, RequestRow.id).where(
+            RequestRow.subject_hash.in_(subjects),
+            RequestRow.state.notin_([s.value for s in TERMINAL]),
+        )
+        for subject_hash, received_at, request_id in session.execute(open_ones):
+            known.opened(subject_hash, received_at, request_id)
+        return known
+
+    def opened(self, subject_hash: str, received_at: datetime, request_id: str) -> None:
+        oldest = self.oldest_open.get(subject_hash)
+        if oldest is None or (received_at, request_id) < oldest:
+            self.oldest_open[subject_hash] = (received_at, request_id)
+
+
+def _add(
+    app: App,
+    uow: UnitOfWork,
+    item: _Valid,
+    accepted: list[dict[str, Any]],
+    known: _Known,
+) -> IntakeResult:
     """Store one document in the caller's unit of work: the request, its first
     transition, the acknowledgement and the verify message; or find it stored before.
     `accepted` collects what to log once the unit of work commits."""
     doc, fingerprint, verified_by, now = item.doc, item.fingerprint, item.verified_by, item.now
     session = uow.session
-    existing = session.get(RequestRow, doc.request_id)
+    existing = known.fingerprints.get(doc.request_id)
     if existing is not None:
-        if existing.content_hash == fingerprint:
+        if existing == fingerprint:
             log.info("request_resubmitted", request_id=doc.request_id)
             return IntakeResult("duplicate", doc.request_id)
         raise ConflictingRequest(
@@ -166,15 +205,8 @@ def _add(app: App, uow: UnitOfWork, item: _Valid, accepted: list[dict[str, Any]]
             request_id=doc.request_id,
         )
     subject_hash = app.blind.email(doc.subject.email)
-    linked = session.execute(
-        select(RequestRow.id)
-        .where(
-            RequestRow.subject_hash == subject_hash,
-            RequestRow.state.notin_([s.value for s in TERMINAL]),
-        )
-        .order_by(RequestRow.received_at)
-        .limit(1)
-    ).scalar()
+    oldest = known.oldest_open.get(subject_hash)
+    linked = oldest[1] if oldest is not None else None
     due = policy.due_date(doc.jurisdiction, doc.received_at)
     ring = app.keys.ring
     context = doc.request_id.encode()
@@ -204,6 +236,8 @@ def _add(app: App, uow: UnitOfWork, item: _Valid, accepted: list[dict[str, Any]]
         updated_at=now,
     )
     session.add(request)
+    known.fingerprints[request.id] = fingerprint
+    known.opened(subject_hash, request.received_at, request.id)
     session.flush()  # the rows that refer to it go at the commit: the flush orders by mapper only
     session.add(
         TransitionRow(request_id=request.id, from_state=None, to_state=State.RECEIVED.value, at=now)

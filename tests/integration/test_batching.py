@@ -780,6 +780,9 @@ def test_documents_stored_as_a_group_share_one_transaction_and_one_verify_messag
     # one transaction for the group, one more marking its message published (SQLite
     # shows its BEGIN IMMEDIATE; PostgreSQL's BEGIN is not a statement of its own)
     assert statements.count("BEGIN") <= 2
+    # what is stored under the group's ids and its people's open requests: two reads for
+    # the whole group, whatever its size (and the audit head)
+    assert statements.count("SELECT") == 3
     (verify,) = [e for e in app.bus.queue if e.actor == topology.VERIFY_ACTOR]
     assert verify.args == (["r-0", "r-1", "r-2"],)
     assert [request_row(app, f"r-{n}").state for n in range(3)] == ["received"] * 3
@@ -788,6 +791,22 @@ def test_documents_stored_as_a_group_share_one_transaction_and_one_verify_messag
             select(NotificationRow.request_id).where(NotificationRow.event == "acknowledgement")
         ).all()
     assert sorted(acks) == ["r-0", "r-1", "r-2", "r-old"]
+
+
+def test_a_group_links_each_request_to_the_oldest_open_one_of_its_person_as_if_alone(app):
+    from datetime import UTC, datetime
+
+    from pipeline import intake
+
+    def received(hours: int) -> dict[str, str]:
+        return {"received_at": (datetime.now(UTC) - timedelta(hours=hours)).isoformat()}
+
+    # one person's three documents in one group, each received earlier than the last:
+    # each is linked to the oldest request of theirs open when it is stored
+    items = [_valid(app, presigned(app, "access", f"r-{h}", **received(h))) for h in (1, 2, 3)]
+    results = intake._store_all(app, items)
+    assert [r.status for r in results] == ["accepted"] * 3
+    assert [request_row(app, f"r-{h}").linked_to for h in (1, 2, 3)] == [None, "r-1", "r-2"]
 
 
 def test_documents_accepted_by_threads_at_once_are_each_stored_once(app):
