@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -22,10 +22,12 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     create_engine,
     event,
+    insert,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -333,3 +335,42 @@ def free_rows(session: Session, query: Select[_Row]) -> list[_Row]:
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     return list(session.execute(query).scalars())
+
+
+# -- history rows written at the commit --------------------------------------------------
+
+_AT_COMMIT = "transitions_at_commit"  # session.info: the transitions this transaction adds
+_TRANSITIONS = cast(Table, TransitionRow.__table__)
+
+
+def add_transition(session: Session, row: dict[str, Any]) -> None:
+    """A transition row, inserted with the transaction's others in one statement when it
+    commits, and dropped if it rolls back. Nothing reads a transition back before the
+    commit, so it needs no mapped object: those cost the ORM's flush bookkeeping, six
+    times per request."""
+    session.info.setdefault(_AT_COMMIT, []).append(row)
+
+
+def transitions_pending(session: Session) -> list[dict[str, Any]]:
+    """The transitions waiting for the commit (to put back after a savepoint rolls back:
+    `restore_transitions`)."""
+    return list(session.info.get(_AT_COMMIT) or [])
+
+
+def restore_transitions(session: Session, rows: list[dict[str, Any]]) -> None:
+    session.info[_AT_COMMIT] = list(rows)
+
+
+@event.listens_for(Session, "before_commit")
+def _insert_transitions(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint is released: the rows wait for the real commit
+    rows: list[dict[str, Any]] = session.info.pop(_AT_COMMIT, None) or []
+    if rows:
+        session.flush()  # their requests first: a plain insert does not flush the ORM's rows
+        session.connection().execute(insert(_TRANSITIONS), rows)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_transitions(session: Session) -> None:
+    session.info.pop(_AT_COMMIT, None)

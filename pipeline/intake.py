@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import audit, batch, contract, policy, topology
 from pipeline.contract import IntakeDocument
-from pipeline.db import RejectionRow, RequestRow, TransitionRow, transaction
+from pipeline.db import RejectionRow, RequestRow, add_transition, transaction
 from pipeline.errors import ConflictingRequest, InvalidRequest
 from pipeline.outbox import BATCH_MAX, Envelope, MessageBus
 from pipeline.requests import iso, notify_person
@@ -239,8 +239,15 @@ def _add(
     known.fingerprints[request.id] = fingerprint
     known.opened(subject_hash, request.received_at, request.id)
     session.flush()  # the rows that refer to it go at the commit: the flush orders by mapper only
-    session.add(
-        TransitionRow(request_id=request.id, from_state=None, to_state=State.RECEIVED.value, at=now)
+    add_transition(
+        session,
+        {
+            "request_id": request.id,
+            "from_state": None,
+            "to_state": State.RECEIVED.value,
+            "reason": None,
+            "at": now,
+        },
     )
     audit.record(
         session,

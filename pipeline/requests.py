@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from connectors.base import Identity
 from pipeline import audit, topology
-from pipeline.db import NotificationRow, RequestRow, TransitionRow, utcnow
+from pipeline.db import NotificationRow, RequestRow, add_transition, utcnow
 from pipeline.errors import UnknownRequest
 from pipeline.states import State, check_transition
 
@@ -69,14 +69,15 @@ def advance(
     request.updated_at = now
     if new in (State.DONE, State.EXPIRED, State.CANCELLED):
         request.completed_at = now
-    session.add(
-        TransitionRow(
-            request_id=request.id,
-            from_state=current.value,
-            to_state=new.value,
-            reason=reason,
-            at=now,
-        )
+    add_transition(
+        session,
+        {
+            "request_id": request.id,
+            "from_state": current.value,
+            "to_state": new.value,
+            "reason": reason,
+            "at": now,
+        },
     )
     audit.record(
         session,

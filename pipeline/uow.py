@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline import audit, outbox
+from pipeline import audit, db, outbox
 from pipeline.db import ExportRow, NotificationRow, RequestRow, StoreTaskRow
 from pipeline.outbox import Envelope
 from pipeline.requests import LOCKED, lock_all
@@ -84,6 +84,7 @@ class Shared:
         """One id's work: undone alone (savepoint), with its messages and audit entries,
         if it raises."""
         wanted, entries = len(self.wanted), audit.pending(self.session)
+        transitions = db.transitions_pending(self.session)
         savepoint = self.session.begin_nested()
         try:
             yield
@@ -92,6 +93,7 @@ class Shared:
             self.forget()
             del self.wanted[wanted:]
             audit.restore_pending(self.session, entries)  # the earlier steps' entries
+            db.restore_transitions(self.session, transitions)
             raise
         savepoint.commit()
 
