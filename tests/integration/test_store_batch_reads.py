@@ -94,15 +94,15 @@ def submit_together(app: Any, requests: Sequence[tuple[str, str, str]]) -> None:
     app.publisher.submit(outgoing)
 
 
-def attempts(app: Any, phase: str) -> dict[str, int]:
+def task_column(app: Any, phase: str, column: str) -> dict[str, Any]:
+    """`column` of the phase's store tasks, by request."""
     with app.sessions() as session:
-        return dict(
-            session.execute(
-                select(StoreTaskRow.request_id, StoreTaskRow.attempts).where(
-                    StoreTaskRow.phase == phase
-                )
-            ).all()
-        )
+        query = select(StoreTaskRow.request_id, getattr(StoreTaskRow, column))
+        return dict(session.execute(query.where(StoreTaskRow.phase == phase)).all())
+
+
+def attempts(app: Any, phase: str) -> dict[str, int]:
+    return task_column(app, phase, "attempts")
 
 
 class Events:
@@ -247,17 +247,6 @@ def test_a_batch_through_the_sql_stores_finds_for_each_what_locating_them_alone_
         close_all(stores)
 
 
-def task_status(app: Any, phase: str) -> dict[str, str]:
-    with app.sessions() as session:
-        return dict(
-            session.execute(
-                select(StoreTaskRow.request_id, StoreTaskRow.status).where(
-                    StoreTaskRow.phase == phase
-                )
-            ).all()
-        )
-
-
 @pytest.mark.parametrize("kind", ["access", "erase"])
 def test_a_heavy_person_is_served_after_the_others_of_the_batch_have_moved_on(
     state_url: str, tmp_path: Path, kind: str
@@ -273,7 +262,7 @@ def test_a_heavy_person_is_served_after_the_others_of_the_batch_have_moved_on(
 
     def watched(identity: Identity, *args: Any) -> Any:
         if identity.email == EMAILS[1]:  # the heavy one: what is recorded by now?
-            seen_when_heavy.append(task_status(app, "act"))
+            seen_when_heavy.append(task_column(app, "act", "status"))
         return plain(identity, *args)
 
     setattr(crm, method, watched)

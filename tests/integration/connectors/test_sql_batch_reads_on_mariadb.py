@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from connectors.base import Identity
 from connectors.sql import SqlConnector
+from tests.integration.connectors.servers import admin_engine
 from tests.unit.connectors import batch_seeds as seeds
 from tests.unit.connectors.batch_seeds import STORE
 from tests.unit.connectors.test_sql_batch_reads import assert_batch_reads_as_alone
@@ -32,13 +33,7 @@ pytestmark = pytest.mark.postgres  # the servers' marker (see test_sql_on_server
 def store(request: pytest.FixtureRequest) -> Iterator[tuple[SqlConnector, Any]]:
     """The forum store in a database of its own, its emails, member numbers and profile
     references in the given lenient collation (the keys in the server's default)."""
-    admin = sa.create_engine(MARIADB_URL)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.fail(f"mariadb is not running on 127.0.0.1 (./dev services starts it): {exc}")
+    admin = admin_engine("mariadb", MARIADB_URL)
     name = f"batch_{uuid.uuid4().hex[:10]}"
     with admin.begin() as conn:
         conn.execute(sa.text(f"CREATE DATABASE `{name}`"))

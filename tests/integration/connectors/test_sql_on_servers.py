@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from connectors.allego.seed import SQL_STORES, DemoData, generate_demo_data, write_sql_store
 from connectors.base import Correction, Identity, StoreUnavailable
 from connectors.sql import REDACTED, SqlConnector, SqlMapping
+from tests.integration.connectors.servers import admin_engine
 
 ALLEGO = Path(__file__).resolve().parents[3] / "connectors" / "allego"
 SERVERS = {
@@ -35,15 +36,7 @@ def data() -> DemoData:
 @pytest.fixture(params=sorted(SERVERS))
 def server(request: pytest.FixtureRequest, data: DemoData) -> Iterator[dict[str, SqlConnector]]:
     url = SERVERS[request.param]
-    admin = sa.create_engine(url)
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.fail(
-            f"{request.param} is not running on 127.0.0.1 (./dev services starts it): {exc}"
-        )
+    admin = admin_engine(request.param, url)
     prefix = f"ap_{uuid.uuid4().hex[:10]}"
     schemas = {store: f"{prefix}_{store}" for store in SQL_STORES}
     quote = admin.dialect.identifier_preparer.quote
