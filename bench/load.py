@@ -121,6 +121,7 @@ class LoadOptions:
     profile: bool = False
     profile_requests: int = 50
     py_spy: bool = False
+    py_spy_gil: bool = False  # sample only the thread holding the GIL: where Python runs
     timeout: float = 1800
     seed: int = 7
     broker_url: str = Settings.broker_url
@@ -183,6 +184,11 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
         "--py-spy",
         action="store_true",
         help="sample the real workers' stacks with py-spy during the run (pip install py-spy)",
+    )
+    p.add_argument(
+        "--py-spy-gil",
+        action="store_true",
+        help="with --py-spy: sample only the thread holding the GIL in each process",
     )
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
     p.add_argument("--seed", type=int, default=7, help="who gets which request")
@@ -430,6 +436,7 @@ class PySpy:
 
     pids: dict[str, int]  # worker group -> its main process
     out: Path
+    gil: bool = False  # only the thread holding the GIL (py-spy --gil)
     rate: int = 50  # samples per second
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -446,6 +453,7 @@ class PySpy:
             with self._part(name, ".log").open("wb") as log:
                 self._procs[name] = subprocess.Popen(
                     [binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
+                    + (["--gil"] if self.gil else [])
                     + [
                         "--format",
                         "raw",
@@ -708,7 +716,11 @@ def run_real(
         scheduler = real.stack.children["scheduler"].pid
         window = tp.Window(tuple(workers.values()), {"scheduler": scheduler})
         sampler = ProcessSampler({**workers, "scheduler": scheduler}).start()
-        spy = PySpy(workers, folder / "py-spy.txt").start() if opts.py_spy else None
+        spy = (
+            PySpy(workers, folder / "py-spy.txt", gil=opts.py_spy_gil).start()
+            if opts.py_spy
+            else None
+        )
         how = f"at {opts.rate}/s for {opts.duration:g} s" if opts.mode == "rate" else "at once"
         print(f"-- real: submitting {len(batch)} {opts.mix} requests {how}", flush=True)
         rate = opts.rate if opts.mode == "rate" else None
