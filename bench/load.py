@@ -831,6 +831,20 @@ def problems(result: dict[str, Any]) -> list[str]:
     return found
 
 
+def cpu_probe() -> float:
+    """CPU seconds for a fixed Python loop, the best of three: how fast this host runs
+    Python right now. Its speed varies by hour (a shared host), so figures of runs whose
+    probes differ much are not comparable."""
+
+    def once() -> float:
+        began, total = time.process_time(), 0
+        for i in range(2_000_000):
+            total += i * i
+        return time.process_time() - began
+
+    return round(min(once() for _ in range(3)), 3)
+
+
 def run(opts: LoadOptions) -> dict[str, Any]:
     """One whole load run; returns the result (also written as JSON and a plot)."""
     run_id = uuid.uuid4().hex[:8]
@@ -846,6 +860,7 @@ def run(opts: LoadOptions) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "load_average_before": os.getloadavg(),
+            "cpu_probe_s": cpu_probe(),
         },
     }
     with store_url("postgresql", opts.pg_admin_url, work, opts.keep) as store_db:
@@ -1037,7 +1052,8 @@ def print_report(result: dict[str, Any]) -> None:
     print(
         f"   other CPU s: {real['other_cpu_s']}, services {real['service_cpu_s']}; "
         f"machine busy {real['machine_cpu_util']}; load average before "
-        f"{machine['load_average_before']}, after {machine.get('load_average_after')}"
+        f"{machine['load_average_before']}, after {machine.get('load_average_after')}; "
+        f"host speed probe {machine.get('cpu_probe_s')} s CPU (lower is faster)"
     )
     s = real["starvation"]
     print(
