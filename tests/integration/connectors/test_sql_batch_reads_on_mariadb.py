@@ -12,15 +12,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from connectors.base import Identity
 from connectors.sql import SqlConnector
 from tests.integration.connectors.servers import admin_engine
 from tests.unit.connectors import batch_seeds as seeds
 from tests.unit.connectors.batch_seeds import STORE
-from tests.unit.connectors.test_sql_batch_reads import assert_batch_reads_as_alone
+from tests.unit.connectors.test_sql_batch_reads import (
+    assert_batch_reads_as_alone,
+    batch_reads_as_alone,
+)
 
 MARIADB_URL = "mysql+pymysql://root:@127.0.0.1:3306/test"
 
@@ -48,14 +49,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[tuple[SqlConnector, Any]]:
         admin.dispose()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=seeds.store_rows(), people=st.lists(seeds.identity_strategy(), max_size=8))
-def test_a_batch_read_gives_each_person_what_reading_them_alone_gives(
-    store: tuple[SqlConnector, Any], rows: dict[str, list[dict[str, Any]]], people: list[Identity]
-) -> None:
-    connector, fill = store
-    fill(rows)
-    assert_batch_reads_as_alone(connector, [*people, *reversed(people)])
+test_a_batch_read_gives_each_person_what_reading_them_alone_gives = batch_reads_as_alone(60)
 
 
 def test_people_whose_emails_differ_only_by_accents_each_find_both_accounts(

@@ -10,14 +10,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from connectors.base import Identity
 from connectors.sql import SqlConnector
 from tests.unit.connectors import batch_seeds as seeds
 from tests.unit.connectors.test_sql_batch_reads import (
     assert_batch_reads_as_alone,
+    batch_reads_as_alone,
     count_selects,
 )
 
@@ -48,14 +46,7 @@ def store(schema: tuple[str, sa.Engine, sa.MetaData]) -> Iterator[tuple[SqlConne
     connector.close()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=seeds.store_rows(), people=st.lists(seeds.identity_strategy(), max_size=8))
-def test_a_batch_read_gives_each_person_what_reading_them_alone_gives(
-    store: tuple[SqlConnector, Any], rows: dict[str, list[dict[str, Any]]], people: list[Identity]
-) -> None:
-    connector, fill = store
-    fill(rows)
-    assert_batch_reads_as_alone(connector, [*people, *reversed(people)])
+test_a_batch_read_gives_each_person_what_reading_them_alone_gives = batch_reads_as_alone(60)
 
 
 def test_a_batch_costs_the_queries_of_one_person_however_many_it_holds(

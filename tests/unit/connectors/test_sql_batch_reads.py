@@ -53,16 +53,27 @@ def assert_batch_reads_as_alone(connector: SqlConnector, people: list[Identity])
     assert connector.export_many(people) == exports
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=seeds.store_rows(), people=st.lists(seeds.identity_strategy(), max_size=8))
-def test_a_batch_read_gives_each_person_what_reading_them_alone_gives(
-    store: tuple[SqlConnector, Any], rows: dict[str, list[dict[str, Any]]], people: list[Identity]
-) -> None:
-    connector, fill = store
-    fill(rows)
-    assert_batch_reads_as_alone(connector, people)
-    # and the same people twice over, in another order: duplicates change nothing
-    assert_batch_reads_as_alone(connector, [*people, *reversed(people)])
+def batch_reads_as_alone(examples: int) -> Callable[..., None]:
+    """The property every backend's batch reads hold, over random stores and people, as a
+    test on the module's `store` fixture (a connector and a function filling its rows)."""
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(rows=seeds.store_rows(), people=st.lists(seeds.identity_strategy(), max_size=8))
+    def test(
+        store: tuple[SqlConnector, Any],
+        rows: dict[str, list[dict[str, Any]]],
+        people: list[Identity],
+    ) -> None:
+        connector, fill = store
+        fill(rows)
+        assert_batch_reads_as_alone(connector, people)
+        # and the same people twice over, in another order: duplicates change nothing
+        assert_batch_reads_as_alone(connector, [*people, *reversed(people)])
+
+    return test
+
+
+test_a_batch_read_gives_each_person_what_reading_them_alone_gives = batch_reads_as_alone(150)
 
 
 def test_people_sharing_rows_each_get_them_with_their_own_path_and_redactions(
