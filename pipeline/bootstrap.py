@@ -140,6 +140,8 @@ def make_broker(settings: Settings, *, keys: Callable[[], Keys] | None = None) -
         middleware=middleware,
         keys=keys,
         idle_poll_ms=settings.worker_idle_poll_ms,
+        # a retry never waits longer for the poll than its own shortest delay
+        delay_poll_ms=min(settings.worker_delay_poll_ms, settings.retry_base_ms),
     )
 
 

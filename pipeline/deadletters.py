@@ -377,17 +377,30 @@ class RedisBroker(_RedisBroker):
     stops it (see the module). `keys` seal what is moved."""
 
     def __init__(
-        self, *, keys: Callable[[], Keys] | None = None, idle_poll_ms: int = 100, **kwargs: Any
+        self,
+        *,
+        keys: Callable[[], Keys] | None = None,
+        idle_poll_ms: int = 100,
+        delay_poll_ms: int = 1000,
+        **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.keys = keys
         self.idle_poll_ms = idle_poll_ms
+        self.delay_poll_ms = delay_poll_ms
         self._quarantine = self.client.register_script(_QUARANTINE)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
         """An idle queue's consumer polls again after at most `idle_poll_ms` (dramatiq's
-        worker asks for up to a second): a request waits that long at most per stage."""
-        return super().consume(queue_name, prefetch, min(timeout, self.idle_poll_ms))
+        worker asks for up to a second): a request waits that long at most per stage.
+
+        A delay queue's consumer polls after at most `delay_poll_ms`: what it holds is
+        due later (the pipeline's retries wait `retry_base_ms` or more, which bounds it),
+        and the worker keeps what it fetched until it is due. Each worker process polls
+        one delay queue per queue; at the stage queues' pace they cost about as much CPU
+        as the stage queues' own idle polls, with nothing to gain."""
+        poll = self.idle_poll_ms if q_name(queue_name) == queue_name else self.delay_poll_ms
+        return super().consume(queue_name, prefetch, min(timeout, poll))
 
     def do_fetch(self, queue_name: str, prefetch: int) -> list[bytes | None]:
         bodies: list[bytes | None] = self._dispatch("fetch")(queue_name, prefetch)

@@ -64,6 +64,9 @@ class Settings:
     admit_max: int = 150
     # an idle stage queue is polled again after at most this long (Redis broker)
     worker_idle_poll_ms: int = 100
+    # the same for a delay queue (messages due later: retries wait `retry_base_ms` or
+    # more, which also bounds this)
+    worker_delay_poll_ms: int = 1000
     stall_seconds: int = 300
     scheduler_interval_seconds: int = 5
     log_format: str = "console"
@@ -127,6 +130,9 @@ class Settings:
             gather_window_ms=_int(env, "PRIVACY_GATHER_WINDOW_MS", cls.gather_window_ms),
             admit_max=_int(env, "PRIVACY_ADMIT_MAX", cls.admit_max),
             worker_idle_poll_ms=_int(env, "PRIVACY_WORKER_IDLE_POLL_MS", cls.worker_idle_poll_ms),
+            worker_delay_poll_ms=_int(
+                env, "PRIVACY_WORKER_DELAY_POLL_MS", cls.worker_delay_poll_ms
+            ),
             stall_seconds=_int(env, "PRIVACY_STALL_SECONDS", cls.stall_seconds),
             scheduler_interval_seconds=_int(
                 env, "PRIVACY_SCHEDULER_INTERVAL", cls.scheduler_interval_seconds

@@ -4,6 +4,7 @@ pipeline's envelopes for real."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,12 +59,21 @@ def test_an_idle_redis_queue_is_polled_again_within_the_configured_interval(tmp_
         broker_url=URLS["redis"],
         queue_namespace=f"privacy-broker-{uuid.uuid4().hex[:8]}",
         worker_idle_poll_ms=40,
+        worker_delay_poll_ms=700,
+        retry_base_ms=900,
     )
     broker = make_broker(settings)
     queue = f"privacy.test.{uuid.uuid4().hex[:8]}"
     broker.declare_queue(queue)
-    consumer = broker.consume(queue, timeout=1000)  # what dramatiq's Worker asks for
+    # what dramatiq's Worker asks for: its consumers of the queue and of its delay queue
+    consumer = broker.consume(queue, timeout=1000)
+    delayed = broker.consume(f"{queue}.DQ", timeout=1000)
     try:
         assert consumer.timeout == 40
+        # due later anyway: polled at its own, slower pace, never slower than a retry
+        assert delayed.timeout == 700
+        shortest_retry = make_broker(replace(settings, retry_base_ms=250))
+        assert shortest_retry.consume(f"{queue}.DQ", timeout=1000).timeout == 250
     finally:
         consumer.close()
+        delayed.close()
