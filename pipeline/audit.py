@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import event, insert, select, text
 from sqlalchemy.orm import Session
 
-from pipeline.db import AuditRow, utcnow
+from pipeline.db import AuditRow, add_at_commit, take_at_commit, utcnow
 
 GENESIS = "0" * 64
 _PG_CHAIN_LOCK = 7_245_001  # advisory lock id serialising appends on PostgreSQL
@@ -56,7 +56,7 @@ class _Entry:
     detail: dict[str, Any]
 
 
-_PENDING = "audit_pending"
+_PENDING = "audit"  # entries waiting for the commit (`db.add_at_commit`)
 
 
 def record(
@@ -75,14 +75,12 @@ def record(
     its commit: stages that commit at the same time wait for each other only that long.
     """
     clean = json.loads(json.dumps(detail, default=str))
-    session.info.setdefault(_PENDING, []).append(_Entry(utcnow(), actor, action, request_id, clean))
+    add_at_commit(session, _PENDING, _Entry(utcnow(), actor, action, request_id, clean))
 
 
 @event.listens_for(Session, "before_commit")
 def _chain_pending(session: Session) -> None:
-    if session.in_nested_transaction():
-        return  # a savepoint is released: the entries wait for the real commit
-    pending: list[_Entry] = session.info.pop(_PENDING, None) or []
+    pending: list[_Entry] = take_at_commit(session, _PENDING)
     if not pending:
         return
     if session.get_bind().dialect.name == "postgresql":
@@ -113,21 +111,6 @@ def _chain_pending(session: Session) -> None:
 _LOCK_AND_HEAD = text("SELECT privacy_audit_head(:k)")
 _HEAD = select(AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)
 _INSERT = insert(AuditRow)
-
-
-def pending(session: Session) -> list[_Entry]:
-    """The entries waiting for the commit (to put back after a savepoint rolls back:
-    `restore_pending`)."""
-    return list(session.info.get(_PENDING) or [])
-
-
-def restore_pending(session: Session, entries: list[_Entry]) -> None:
-    session.info[_PENDING] = list(entries)
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_pending(session: Session) -> None:
-    session.info.pop(_PENDING, None)
 
 
 @dataclass(frozen=True)

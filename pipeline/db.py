@@ -337,40 +337,55 @@ def free_rows(session: Session, query: Select[_Row]) -> list[_Row]:
     return list(session.execute(query).scalars())
 
 
-# -- history rows written at the commit --------------------------------------------------
+# -- rows written at the commit ----------------------------------------------------------
 
-_AT_COMMIT = "transitions_at_commit"  # session.info: the transitions this transaction adds
+_AT_COMMIT = "at_commit"  # session.info: kind -> what this transaction writes at its commit
+
+
+def add_at_commit(session: Session, kind: str, item: Any) -> None:
+    """Something the transaction writes when it commits (its `before_commit` writer pops
+    it with `take_at_commit`), dropped if it rolls back: history nothing reads back
+    before the commit (audit entries, transitions)."""
+    session.info.setdefault(_AT_COMMIT, {}).setdefault(kind, []).append(item)
+
+
+def take_at_commit(session: Session, kind: str) -> list[Any]:
+    """What waits for the commit of this kind, taken; nothing while only a savepoint is
+    released (it waits for the real commit)."""
+    if session.in_nested_transaction():
+        return []
+    return list(session.info.get(_AT_COMMIT, {}).pop(kind, None) or [])
+
+
+def pending_at_commit(session: Session) -> dict[str, list[Any]]:
+    """Everything waiting for the commit, to put back after a savepoint rolls back
+    (`restore_at_commit`)."""
+    return {kind: list(items) for kind, items in session.info.get(_AT_COMMIT, {}).items()}
+
+
+def restore_at_commit(session: Session, pending: dict[str, list[Any]]) -> None:
+    session.info[_AT_COMMIT] = {kind: list(items) for kind, items in pending.items()}
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_at_commit(session: Session) -> None:
+    session.info.pop(_AT_COMMIT, None)
+
+
+_TRANSITION = "transition"
 _TRANSITIONS = cast(Table, TransitionRow.__table__)
 
 
 def add_transition(session: Session, row: dict[str, Any]) -> None:
     """A transition row, inserted with the transaction's others in one statement when it
-    commits, and dropped if it rolls back. Nothing reads a transition back before the
-    commit, so it needs no mapped object: those cost the ORM's flush bookkeeping, six
-    times per request."""
-    session.info.setdefault(_AT_COMMIT, []).append(row)
-
-
-def transitions_pending(session: Session) -> list[dict[str, Any]]:
-    """The transitions waiting for the commit (to put back after a savepoint rolls back:
-    `restore_transitions`)."""
-    return list(session.info.get(_AT_COMMIT) or [])
-
-
-def restore_transitions(session: Session, rows: list[dict[str, Any]]) -> None:
-    session.info[_AT_COMMIT] = list(rows)
+    commits. Nothing reads a transition back before the commit, so it needs no mapped
+    object: those cost the ORM's flush bookkeeping, six times per request."""
+    add_at_commit(session, _TRANSITION, row)
 
 
 @event.listens_for(Session, "before_commit")
 def _insert_transitions(session: Session) -> None:
-    if session.in_nested_transaction():
-        return  # a savepoint is released: the rows wait for the real commit
-    rows: list[dict[str, Any]] = session.info.pop(_AT_COMMIT, None) or []
+    rows = take_at_commit(session, _TRANSITION)
     if rows:
         session.flush()  # their requests first: a plain insert does not flush the ORM's rows
         session.connection().execute(insert(_TRANSITIONS), rows)
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_transitions(session: Session) -> None:
-    session.info.pop(_AT_COMMIT, None)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline import audit, db, outbox
+from pipeline import db, outbox
 from pipeline.db import ExportRow, NotificationRow, RequestRow, StoreTaskRow
 from pipeline.outbox import Envelope
 from pipeline.requests import LOCKED, lock_all
@@ -81,10 +81,9 @@ class Shared:
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        """One id's work: undone alone (savepoint), with its messages and audit entries,
-        if it raises."""
-        wanted, entries = len(self.wanted), audit.pending(self.session)
-        transitions = db.transitions_pending(self.session)
+        """One id's work: undone alone (savepoint), with its messages and history (audit
+        entries, transitions), if it raises."""
+        wanted, at_commit = len(self.wanted), db.pending_at_commit(self.session)
         savepoint = self.session.begin_nested()
         try:
             yield
@@ -92,8 +91,7 @@ class Shared:
             savepoint.rollback()
             self.forget()
             del self.wanted[wanted:]
-            audit.restore_pending(self.session, entries)  # the earlier steps' entries
-            db.restore_transitions(self.session, transitions)
+            db.restore_at_commit(self.session, at_commit)  # the earlier steps' history
             raise
         savepoint.commit()
 
