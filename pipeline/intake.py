@@ -89,7 +89,8 @@ def accept(app: App, raw: Any, *, now: datetime | None = None) -> IntakeResult:
         "document", hashlib.sha256(contract.content_fingerprint(doc.raw)).hexdigest()
     )
     try:
-        return app.intake_group.submit(_Valid(doc, fingerprint, verified_by, now))
+        subject_hash = app.blind.email(doc.subject.email)
+        return app.intake_group.submit(_Valid(doc, fingerprint, subject_hash, verified_by, now))
     except ConflictingRequest as exc:
         return reject(app, exc, raw)
 
@@ -100,6 +101,7 @@ class _Valid:
 
     doc: IntakeDocument
     fingerprint: str
+    subject_hash: str  # the blind index of the person's email
     verified_by: str | None
     now: datetime
 
@@ -136,7 +138,7 @@ def _commit(app: App, items: list[_Valid]) -> list[IntakeResult | Exception]:
     results: list[IntakeResult | Exception] = []
     accepted: list[dict[str, Any]] = []
     with UnitOfWork(app) as uow:
-        known = _Known.of(app, uow.session, items)
+        known = _Known.of(uow.session, items)
         for item in items:
             try:
                 results.append(_add(app, uow, item, accepted, known))
@@ -161,9 +163,9 @@ class _Known:
     oldest_open: dict[str, tuple[datetime, str]]  # subject hash -> (received_at, id)
 
     @classmethod
-    def of(cls, app: App, session: Session, items: list[_Valid]) -> _Known:
+    def of(cls, session: Session, items: list[_Valid]) -> _Known:
         ids = [item.doc.request_id for item in items]
-        subjects = {app.blind.email(item.doc.subject.email) for item in items}
+        subjects = {item.subject_hash for item in items}
         stored = select(RequestRow.id, RequestRow.content_hash).where(RequestRow.id.in_(ids))
         known = cls(
             {request_id: fingerprint for request_id, fingerprint in session.execute(stored)}, {}
@@ -204,7 +206,7 @@ def _add(
             code="conflicting_request",
             request_id=doc.request_id,
         )
-    subject_hash = app.blind.email(doc.subject.email)
+    subject_hash = item.subject_hash
     oldest = known.oldest_open.get(subject_hash)
     linked = oldest[1] if oldest is not None else None
     due = policy.due_date(doc.jurisdiction, doc.received_at)

@@ -839,4 +839,5 @@ def _valid(app, doc):
     fingerprint = app.blind.of(
         "document", hashlib.sha256(contract.content_fingerprint(parsed.raw)).hexdigest()
     )
-    return intake._Valid(parsed, fingerprint, f"assertion:{system}", now)
+    subject_hash = app.blind.email(parsed.subject.email)
+    return intake._Valid(parsed, fingerprint, subject_hash, f"assertion:{system}", now)
