@@ -58,7 +58,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -293,14 +293,16 @@ def _cpu_seconds(pid: int) -> float | None:
     )
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
+def _group_pids(pgids: Iterable[int]) -> dict[int, list[int]]:
+    """The processes of each of these process groups, from one pass over /proc (a pass
+    per group per sample cost the benchmark's own CPU, which the workers share)."""
+    found: dict[int, list[int]] = {pgid: [] for pgid in pgids}
+    for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             fields = _stat_fields(int(entry.name))
-            if fields is not None and int(fields[2]) == pgid:
-                pids.append(int(entry.name))
-    return sorted(pids)
+            if fields is not None and int(fields[2]) in found:
+                found[int(fields[2])].append(int(entry.name))
+    return {pgid: sorted(pids) for pgid, pids in found.items()}
 
 
 def _pids_named(names: tuple[str, ...]) -> dict[int, str]:
@@ -362,8 +364,9 @@ class ProcessSampler:
     def sample(self) -> None:
         rss_kb = 0
         cpu = 0.0
+        members = _group_pids(self.groups.values())
         for role, pgid in self.groups.items():
-            for pid in _group_pids(pgid):
+            for pid in members[pgid]:
                 seconds = _cpu_seconds(pid)
                 if seconds is None:
                     continue
