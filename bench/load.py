@@ -848,6 +848,25 @@ def cpu_probe() -> float:
     return round(min(once() for _ in range(3)), 3)
 
 
+def statement_probe(url: str) -> float:
+    """Milliseconds per `SELECT 1` through SQLAlchemy and psycopg to PostgreSQL, the best
+    of three runs of 300: the per-statement cost that every stage pays many times. It
+    moves with the host's hour much more than `cpu_probe`, whose loop stays in the CPU's
+    cache."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            best = float("inf")
+            for _ in range(3):
+                began = time.perf_counter()
+                for _ in range(300):
+                    conn.execute(sa.text("SELECT 1")).scalar()
+                best = min(best, time.perf_counter() - began)
+    finally:
+        engine.dispose()
+    return round(best / 300 * 1000, 3)
+
+
 def run(opts: LoadOptions) -> dict[str, Any]:
     """One whole load run; returns the result (also written as JSON and a plot)."""
     run_id = uuid.uuid4().hex[:8]
@@ -864,6 +883,7 @@ def run(opts: LoadOptions) -> dict[str, Any]:
             "python": platform.python_version(),
             "load_average_before": os.getloadavg(),
             "cpu_probe_s": cpu_probe(),
+            "statement_probe_ms": statement_probe(opts.pg_admin_url),
         },
     }
     with store_url("postgresql", opts.pg_admin_url, work, opts.keep) as store_db:
@@ -1056,7 +1076,8 @@ def print_report(result: dict[str, Any]) -> None:
         f"   other CPU s: {real['other_cpu_s']}, services {real['service_cpu_s']}; "
         f"machine busy {real['machine_cpu_util']}; load average before "
         f"{machine['load_average_before']}, after {machine.get('load_average_after')}; "
-        f"host speed probe {machine.get('cpu_probe_s')} s CPU (lower is faster)"
+        f"host speed probes (lower is faster): {machine.get('cpu_probe_s')} s CPU, "
+        f"{machine.get('statement_probe_ms')} ms per SELECT 1"
     )
     s = real["starvation"]
     print(
@@ -1078,10 +1099,14 @@ def print_report(result: dict[str, Any]) -> None:
         f"{e['erased_orders_expected']}), everyone else untouched: {not e['others_changed']}"
     )
     print(f"   worker log events: {real['worker_log']}; scheduler: {real['scheduler_log']}")
+    sizes = real.get("batching", {})
     batching = ", ".join(
-        f"{actor} {b['ids_per_message']}" for actor, b in real.get("batching", {}).items()
+        f"{actor} {b['ids_per_message']}" for actor, b in sizes.items() if not b.get("inline")
     )
-    print(f"   ids per broker message: {batching}")
+    inline = ", ".join(
+        f"{actor} {b['ids_per_message']}" for actor, b in sizes.items() if b.get("inline")
+    )
+    print(f"   ids per broker message: {batching}; per inline run: {inline}")
     for problem in result["problems"]:
         print(f"   !! {problem}")
     if result.get("profile"):
