@@ -2,8 +2,7 @@
 
 `dramatiq bench.noop_actors` runs them with the same broker (and middleware) as
 `workers.actors`. Each actor does nothing but publish the hop(s) the real stage would
-publish for a pre-verified request, through the same `DramatiqBus`, and runs at once
-the hops the real workers run themselves (`topology.INLINE_ACTORS`). The request id
+publish for a pre-verified request, through the same `DramatiqBus`. The request id
 carries the request's `HopPlan` (how many stores to locate, act on and re-check), so the
 baseline moves exactly the messages the real run moved. Fan-in (the last store task
 moves the request on) is a Redis INCR per (request, phase); the outcome mail bumps a
@@ -40,9 +39,6 @@ def _redis() -> redis.Redis:
 
 
 def _send(actor: str, queue: str, *args: Any) -> None:
-    if actor in topology.INLINE_ACTORS:  # run here, as the pipeline's workers do
-        _INLINE[actor](*args)
-        return
     _bus.publish(Envelope(id=str(uuid.uuid4()), actor=actor, queue=queue, args=args))
 
 
@@ -135,6 +131,3 @@ def send_email(notification_id: str) -> None:
         pipe.incr(noop_done_key(namespace))
         pipe.set(noop_last_done_key(namespace), repr(time.time()))
         pipe.execute()
-
-
-_INLINE = {a.actor_name: a.fn for a in (locate_request, act_on_request, notify_outcome)}

@@ -68,7 +68,6 @@ from bench.workload import (  # noqa: E402
     seeded_people,
 )
 from connectors.allego.seed import seed_demo_stores  # noqa: E402
-from pipeline import topology  # noqa: E402
 from pipeline.bootstrap import App, DramatiqBus, make_broker  # noqa: E402
 from pipeline.db import NotificationRow, OutboxRow, RequestRow, StoreTaskRow  # noqa: E402
 from pipeline.errors import TransientError  # noqa: E402
@@ -390,9 +389,8 @@ class StateProbe:
     def batching(self) -> dict[str, dict[str, float]]:
         """How many ids each broker message carried, per actor: the rows one publish
         marked together share their `published_at`, and a publish sends one message per
-        actor (up to `outbox.BATCH_MAX` ids); for an inline actor, how many each run
-        took. Mails count too: their rows are keyed by the notification, not the
-        request."""
+        actor (up to `outbox.BATCH_MAX` ids). Mails count too: their rows are keyed by
+        the notification, not the request."""
         mails = sa.select(sa.literal("mail:") + NotificationRow.id).where(
             NotificationRow.request_id.like(self.like)
         )
@@ -413,9 +411,6 @@ class StateProbe:
                 "ids": sum(sizes),
                 "messages": messages,
                 "ids_per_message": round(sum(sizes) / messages, 1),
-                # run by the worker of the stage before, not sent: its rows are recorded
-                # as published together when they ran, so the sizes are those of the runs
-                "inline": actor in topology.INLINE_ACTORS,
             }
         return out
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import contract, topology
+from pipeline import contract
 from pipeline.states import RequestType, needs_locate, needs_verification
 
 TYPE_MIX: dict[str, int] = {"access": 30, "correct": 20, "erase": 20, "opt_out": 20, "concern": 10}
@@ -149,8 +149,6 @@ class HopPlan:
     -> act_on_request -> act_on_store x act -> finish_request [-> recheck_store x recheck
     -> finish_request] -> notify_outcome -> send_email (outcome). A concern skips locate
     and finish; a request with nothing to act on goes from act_on_request to finish.
-    locate_request, act_on_request and notify_outcome run in the worker of the hop
-    before them, not through the broker.
     """
 
     kind: str
@@ -167,33 +165,12 @@ class HopPlan:
         return cls(kind, stores, stores, stores if rtype is RequestType.ERASE else 0)
 
     @property
-    def hops(self) -> list[str]:
-        """The actors one request's messages go to, inline stages included."""
-        if self.kind == RequestType.CONCERN.value:
-            stages = [topology.ACT_ACTOR]
-        else:
-            stages = [
-                topology.LOCATE_ACTOR,
-                *[topology.LOCATE_STORE_ACTOR] * self.locate,
-                topology.ACT_ACTOR,
-                *[topology.ACT_STORE_ACTOR] * self.act,
-                *[topology.RECHECK_STORE_ACTOR] * self.recheck,
-                *[topology.FINISH_ACTOR] * (2 if self.recheck else 1),
-            ]
-        return [
-            topology.INTAKE_ACTOR,
-            topology.SEND_EMAIL_ACTOR,  # the acknowledgement
-            topology.VERIFY_ACTOR,
-            *stages,
-            topology.NOTIFY_ACTOR,
-            topology.SEND_EMAIL_ACTOR,  # the outcome
-        ]
-
-    @property
     def messages(self) -> int:
-        """The broker messages one request costs: its hops but the inline stages, which
-        the worker of the stage before runs (`topology.INLINE_ACTORS`)."""
-        return sum(1 for actor in self.hops if actor not in topology.INLINE_ACTORS)
+        fixed = 5  # intake, ack mail, verify, notify, outcome mail
+        if self.kind == RequestType.CONCERN.value:
+            return fixed + 1  # act_on_request
+        finishes = 2 if self.recheck else 1
+        return fixed + 1 + self.locate + 1 + self.act + self.recheck + finishes
 
     def tag(self, request_id: str) -> str:
         return f"{request_id}:{self.kind}:{self.locate}:{self.act}:{self.recheck}"

@@ -15,9 +15,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
@@ -287,26 +285,6 @@ def publish_pending(
     return sent
 
 
-_kept: ContextVar[tuple[Collection[str], list[Envelope]] | None] = ContextVar(
-    "outbox_kept", default=None
-)
-
-
-@contextmanager
-def keeping(actors: Collection[str]) -> Iterator[list[Envelope]]:
-    """Envelopes for these actors, submitted to the publisher inside, are handed to the
-    caller instead of the broker: the caller runs them itself (`handlers.run`), then
-    records them with `Publisher.ran`, or submits them after all if they failed. Their
-    outbox rows stay unpublished until then, so a worker that dies first leaves them to
-    the relay, as any unpublished row."""
-    kept: list[Envelope] = []
-    token = _kept.set((actors, kept))
-    try:
-        yield kept
-    finally:
-        _kept.reset(token)
-
-
 @dataclass
 class _Lane:
     """Envelopes that share a window: their own pending list and last publish."""
@@ -354,11 +332,6 @@ class Publisher:
         return self._lanes.get(envelope.actor, self._default)
 
     def submit(self, envelopes: Sequence[Envelope]) -> None:
-        keeper = _kept.get()
-        if keeper is not None:
-            actors, kept = keeper
-            kept.extend(e for e in envelopes if e.actor in actors)
-            envelopes = [e for e in envelopes if e.actor not in actors]
         if not envelopes:
             return
         if self.window <= 0:
@@ -384,16 +357,6 @@ class Publisher:
                 self._lock.notify()
         if now_out:
             self._publish(now_out)
-
-    def ran(self, envelopes: Sequence[Envelope]) -> None:
-        """Record as published the kept envelopes (`keeping`) their caller ran itself, so
-        the relay does not send them again."""
-        at = utcnow()
-        marks = [(e.id, at) for e in envelopes]
-        if self.marks is not None:
-            self.marks.add(marks)
-        elif marks:
-            mark_published(self.factory, marks)
 
     def flush(self) -> None:
         """Publish whatever waits, and record what was published, now (tests; a process

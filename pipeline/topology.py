@@ -28,9 +28,4 @@ NOTIFY_QUEUE = "privacy.notify"
 NOTIFY_ACTOR = "notify_outcome"
 SEND_EMAIL_ACTOR = "send_email"
 
-# the short state-only stages a worker runs itself, right after the stage that asked for
-# them, instead of through the broker (`pipeline.handlers.run`); their queues still
-# serve the messages the relay, the reconciler or a retry sends them
-INLINE_ACTORS = frozenset({LOCATE_ACTOR, ACT_ACTOR, NOTIFY_ACTOR})
-
 ALL_QUEUES = (INTAKE_QUEUE, VERIFY_QUEUE, LOCATE_QUEUE, STORE_QUEUE, ACT_QUEUE, NOTIFY_QUEUE)

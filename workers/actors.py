@@ -18,7 +18,7 @@ import structlog
 from pipeline import intake, topology
 from pipeline.bootstrap import App, make_broker
 from pipeline.errors import PermanentError, RetryLater
-from pipeline.handlers import run
+from pipeline.handlers import handle
 from pipeline.logs import configure_logging
 from pipeline.settings import Settings
 
@@ -105,13 +105,13 @@ Ids = str | list[str]
 @dramatiq.actor(actor_name=topology.VERIFY_ACTOR, queue_name=topology.VERIFY_QUEUE, **_permanent)
 @_retrying
 def verify_request(request_ids: Ids) -> None:
-    run(app(), topology.VERIFY_ACTOR, request_ids)
+    handle(app(), topology.VERIFY_ACTOR, request_ids)
 
 
 @dramatiq.actor(actor_name=topology.LOCATE_ACTOR, queue_name=topology.LOCATE_QUEUE, **_permanent)
 @_retrying
 def locate_request(request_ids: Ids) -> None:
-    run(app(), topology.LOCATE_ACTOR, request_ids)
+    handle(app(), topology.LOCATE_ACTOR, request_ids)
 
 
 @dramatiq.actor(
@@ -119,19 +119,19 @@ def locate_request(request_ids: Ids) -> None:
 )
 @_retrying
 def locate_store(request_ids: Ids, store: str) -> None:
-    run(app(), topology.LOCATE_STORE_ACTOR, request_ids, store)
+    handle(app(), topology.LOCATE_STORE_ACTOR, request_ids, store)
 
 
 @dramatiq.actor(actor_name=topology.ACT_ACTOR, queue_name=topology.ACT_QUEUE, **_permanent)
 @_retrying
 def act_on_request(request_ids: Ids) -> None:
-    run(app(), topology.ACT_ACTOR, request_ids)
+    handle(app(), topology.ACT_ACTOR, request_ids)
 
 
 @dramatiq.actor(actor_name=topology.ACT_STORE_ACTOR, queue_name=topology.STORE_QUEUE, **_permanent)
 @_retrying
 def act_on_store(request_ids: Ids, store: str) -> None:
-    run(app(), topology.ACT_STORE_ACTOR, request_ids, store)
+    handle(app(), topology.ACT_STORE_ACTOR, request_ids, store)
 
 
 @dramatiq.actor(
@@ -139,19 +139,19 @@ def act_on_store(request_ids: Ids, store: str) -> None:
 )
 @_retrying
 def recheck_store(request_ids: Ids, store: str) -> None:
-    run(app(), topology.RECHECK_STORE_ACTOR, request_ids, store)
+    handle(app(), topology.RECHECK_STORE_ACTOR, request_ids, store)
 
 
 @dramatiq.actor(actor_name=topology.FINISH_ACTOR, queue_name=topology.ACT_QUEUE, **_permanent)
 @_retrying
 def finish_request(request_ids: Ids) -> None:
-    run(app(), topology.FINISH_ACTOR, request_ids)
+    handle(app(), topology.FINISH_ACTOR, request_ids)
 
 
 @dramatiq.actor(actor_name=topology.NOTIFY_ACTOR, queue_name=topology.NOTIFY_QUEUE, **_permanent)
 @_retrying
 def notify_outcome(request_ids: Ids) -> None:
-    run(app(), topology.NOTIFY_ACTOR, request_ids)
+    handle(app(), topology.NOTIFY_ACTOR, request_ids)
 
 
 @dramatiq.actor(
@@ -159,4 +159,4 @@ def notify_outcome(request_ids: Ids) -> None:
 )
 @_retrying
 def send_email(notification_ids: Ids) -> None:
-    run(app(), topology.SEND_EMAIL_ACTOR, notification_ids)
+    handle(app(), topology.SEND_EMAIL_ACTOR, notification_ids)
