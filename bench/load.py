@@ -1099,14 +1099,10 @@ def print_report(result: dict[str, Any]) -> None:
         f"{e['erased_orders_expected']}), everyone else untouched: {not e['others_changed']}"
     )
     print(f"   worker log events: {real['worker_log']}; scheduler: {real['scheduler_log']}")
-    sizes = real.get("batching", {})
     batching = ", ".join(
-        f"{actor} {b['ids_per_message']}" for actor, b in sizes.items() if not b.get("inline")
+        f"{actor} {b['ids_per_message']}" for actor, b in real.get("batching", {}).items()
     )
-    inline = ", ".join(
-        f"{actor} {b['ids_per_message']}" for actor, b in sizes.items() if b.get("inline")
-    )
-    print(f"   ids per broker message: {batching}; per inline run: {inline}")
+    print(f"   ids per broker message: {batching}")
     for problem in result["problems"]:
         print(f"   !! {problem}")
     if result.get("profile"):
