@@ -19,7 +19,7 @@ import structlog
 from pipeline import topology
 from pipeline.crypto import BlindIndex, Keys, KeySource, keys_file_of, load_keys
 from pipeline.db import make_engine, make_session_factory
-from pipeline.outbox import Envelope, Publisher
+from pipeline.outbox import Envelope, Pressure, Publisher
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -212,6 +212,7 @@ class App:
             lambda: self.bus,
             window=window,
             windows={topology.VERIFY_ACTOR: gather},
+            pressure=Pressure(),  # fed by the worker processes (`workers.actors`)
         )
 
     @cached_property

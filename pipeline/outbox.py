@@ -285,16 +285,46 @@ def publish_pending(
     return sent
 
 
+class Pressure:
+    """How far behind this process's workers are: a moving average of how long the
+    messages they take waited in their queues (fed by the worker, `observe`).
+
+    `stretch` is the factor the publisher's windows grow by under pressure: 1 while the
+    messages wait less than `target_ms`, up to `most` as the wait grows past it. A
+    request then waits a little longer for others to share its messages when it would
+    wait in a queue anyway; the larger groups cost the workers less per request, which
+    is what lets them catch up. With time to spare the windows stay short, so latency
+    does not pay for batching that saves nothing."""
+
+    def __init__(self, *, target_ms: float = 100.0, most: float = 2.5, weight: float = 0.2):
+        self.target_ms = target_ms
+        self.most = most
+        self.weight = weight
+        self.lag_ms = 0.0
+
+    def observe(self, lag_ms: float) -> None:
+        # a float assignment: threads may race, and an estimate loses nothing by it
+        self.lag_ms += self.weight * (max(0.0, lag_ms) - self.lag_ms)
+
+    def stretch(self) -> float:
+        return min(self.most, max(1.0, self.lag_ms / self.target_ms))
+
+
 @dataclass
 class _Lane:
     """Envelopes that share a window: their own pending list and last publish."""
 
     window: float
+    pressure: Pressure | None = None
     pending: list[Envelope] = field(default_factory=list)
     last: float = -float("inf")
 
+    def current(self) -> float:
+        """The window now: stretched under pressure (`Pressure`)."""
+        return self.window * (self.pressure.stretch() if self.pressure is not None else 1.0)
+
     def due(self) -> float:
-        return self.last + self.window
+        return self.last + self.current()
 
 
 class Publisher:
@@ -305,7 +335,8 @@ class Publisher:
     `window` ago wait for the window to close and go together, grouped into batch
     messages. Under load, requests that move at the same moment share messages; alone,
     a request waits for nothing. `windows` gives some actors a window of their own
-    (the first stage, where groups form: `Settings.gather_window_ms`). Envelopes still
+    (the first stage, where groups form: `Settings.gather_window_ms`); `pressure`
+    stretches every window while the workers fall behind (`Pressure`). Envelopes still
     waiting when the process dies are in the outbox, unpublished: the scheduler's relay
     sends them.
     """
@@ -317,12 +348,16 @@ class Publisher:
         *,
         window: timedelta,
         windows: Mapping[str, timedelta] | None = None,
+        pressure: Pressure | None = None,
     ) -> None:
         self.factory = factory
         self.bus = bus  # asked at each publish: the app's bus may be swapped (tests)
         self.window = window.total_seconds()
-        self._default = _Lane(self.window)
-        self._lanes = {actor: _Lane(w.total_seconds()) for actor, w in (windows or {}).items()}
+        self.pressure = pressure
+        self._default = _Lane(self.window, pressure)
+        self._lanes = {
+            actor: _Lane(w.total_seconds(), pressure) for actor, w in (windows or {}).items()
+        }
         self._lock = threading.Condition()
         self._flusher = _Background(self._run, "outbox-publisher")
         # publishing at once (no window: tests, one-off tools) marks at once too
@@ -346,7 +381,7 @@ class Publisher:
                 by_lane.setdefault(id(lane), (lane, []))[1].append(e)
             waiting = False
             for lane, members in by_lane.values():
-                if not lane.pending and now - lane.last >= lane.window:
+                if not lane.pending and now - lane.last >= lane.current():
                     lane.last = now
                     now_out.extend(members)
                 else:

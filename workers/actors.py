@@ -9,6 +9,7 @@ declares the actors on it.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -73,8 +74,27 @@ class _FlushOnShutdown(dramatiq.Middleware):
             _app.publisher.flush()
 
 
+class _QueueLag(dramatiq.Middleware):
+    """Tells the publisher how long the messages this worker takes waited in their queue
+    (`outbox.Pressure`): its windows stretch while the workers fall behind. Messages
+    that were due later (a retry's delay) do not count, nor intake documents, which
+    a worker takes before anything else whatever the backlog."""
+
+    def before_process_message(
+        self, broker: dramatiq.Broker, message: dramatiq.broker.MessageProxy
+    ) -> None:
+        pressure = app().publisher.pressure
+        if (
+            pressure is not None
+            and "eta" not in message.options
+            and message.actor_name != topology.INTAKE_ACTOR  # it goes first (priority)
+        ):
+            pressure.observe(time.time() * 1000 - message.message_timestamp)
+
+
 _broker = make_broker(Settings.from_env(), keys=lambda: app().keys)
 _broker.add_middleware(_FlushOnShutdown())
+_broker.add_middleware(_QueueLag())
 dramatiq.set_broker(_broker)
 # Stage messages: permanent errors end in the dead letters at once, not retried. Within a
 # worker, intake runs first (dramatiq takes lower priority numbers first; intake has 0):

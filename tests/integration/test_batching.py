@@ -331,6 +331,71 @@ def test_verify_messages_wait_in_their_own_window_while_other_stages_go_on(app):
     assert bus.messages[2].args == (["v-2", "v-3"],)
 
 
+def test_pressure_stretches_windows_only_while_messages_wait_past_the_target():
+    pressure = outbox.Pressure(target_ms=100, most=2.5, weight=0.5)
+    assert pressure.stretch() == 1.0  # nothing seen yet
+    pressure.observe(40)
+    assert pressure.stretch() == 1.0  # time to spare: the windows stay as set
+    for _ in range(20):
+        pressure.observe(200)
+    assert pressure.stretch() == pytest.approx(2.0, rel=0.01)  # in proportion to the wait
+    for _ in range(20):
+        pressure.observe(5000)
+    assert pressure.stretch() == 2.5  # never past `most`
+    for _ in range(20):
+        pressure.observe(-50)  # a clock behind the broker's: no wait, not a negative one
+    assert pressure.lag_ms >= 0 and pressure.stretch() == 1.0
+
+
+def test_under_pressure_a_message_waits_for_the_stretched_window(app):
+    pressure = outbox.Pressure(target_ms=100, most=6.0)
+    bus = Recording()
+    publisher = Publisher(
+        app.sessions, lambda: bus, window=timedelta(milliseconds=300), pressure=pressure
+    )
+    publisher.submit(committed(app, ["r-1"]))  # after a quiet spell: at once
+    time.sleep(0.4)  # past the window as set
+    publisher.submit(committed(app, ["r-2"]))
+    assert [m.args for m in bus.messages] == [(["r-1"],)] + [(["r-2"],)]  # no pressure
+    pressure.lag_ms = 10_000.0  # the workers fall behind: windows of 1.8 s
+    time.sleep(0.4)
+    publisher.submit(committed(app, ["r-3"]))  # 400 ms after the last publish: waits
+    assert len(bus.messages) == 2
+    assert not published_at(app)["r-3"]
+    assert eventually(lambda: len(bus.messages) == 3, seconds=3)
+    assert bus.messages[2].args == (["r-3"],)
+
+
+def test_a_worker_tells_the_publisher_how_long_stage_messages_waited(app):
+    import dramatiq
+
+    from workers import actors
+
+    actors.install(app)
+    try:
+        lag = actors._QueueLag()
+        now_ms = time.time() * 1000
+
+        def message(actor: str, waited_ms: float, **options) -> dramatiq.broker.MessageProxy:
+            sent = dramatiq.Message(
+                queue_name="q",
+                actor_name=actor,
+                args=(["r-1"],),
+                kwargs={},
+                options=options,
+                message_timestamp=int(now_ms - waited_ms),
+            )
+            return dramatiq.broker.MessageProxy(sent)
+
+        lag.before_process_message(actors._broker, message(topology.INTAKE_ACTOR, 9000))
+        lag.before_process_message(actors._broker, message(topology.LOCATE_ACTOR, 9000, eta=1))
+        assert app.publisher.pressure.lag_ms == 0  # intake goes first; a retry was due later
+        lag.before_process_message(actors._broker, message(topology.LOCATE_ACTOR, 2000))
+        assert app.publisher.pressure.lag_ms >= 0.2 * 2000 - 50  # one message's worth
+    finally:
+        actors._app = None
+
+
 def test_flush_sends_what_waits_and_a_broker_that_fails_leaves_it_to_the_relay(app):
     class Down(Recording):
         def publish(self, envelope: Envelope) -> None:
