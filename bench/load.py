@@ -122,6 +122,7 @@ class LoadOptions:
     profile_requests: int = 50
     py_spy: bool = False
     py_spy_gil: bool = False  # sample only the thread holding the GIL: where Python runs
+    py_spy_idle: bool = False  # sample waiting threads too: where the workers wait
     timeout: float = 1800
     seed: int = 7
     broker_url: str = Settings.broker_url
@@ -189,6 +190,11 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadOptions:
         "--py-spy-gil",
         action="store_true",
         help="with --py-spy: sample only the thread holding the GIL in each process",
+    )
+    p.add_argument(
+        "--py-spy-idle",
+        action="store_true",
+        help="with --py-spy: sample waiting threads too (where the workers wait)",
     )
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
     p.add_argument("--seed", type=int, default=7, help="who gets which request")
@@ -440,11 +446,21 @@ class PySpy:
     pids: dict[str, int]  # worker group -> its main process
     out: Path
     gil: bool = False  # only the thread holding the GIL (py-spy --gil)
+    idle: bool = False  # waiting threads too, each stack under its thread (--idle --threads)
     rate: int = 50  # samples per second
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def _part(self, name: str, suffix: str) -> Path:
         return self.out.with_name(f"{self.out.stem}-{name}{suffix}")
+
+    def command(self, binary: str, pid: int, output: Path) -> list[str]:
+        """py-spy's command line for one worker group's main process."""
+        return (
+            [binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
+            + (["--gil"] if self.gil else [])
+            + (["--idle", "--threads"] if self.idle else [])
+            + ["--format", "raw", "--nolineno", "--rate", str(self.rate), "--output", str(output)]
+        )
 
     def start(self) -> PySpy:
         binary = py_spy_binary()
@@ -455,17 +471,7 @@ class PySpy:
         for name, pid in self.pids.items():
             with self._part(name, ".log").open("wb") as log:
                 self._procs[name] = subprocess.Popen(
-                    [binary, "record", "--pid", str(pid), "--subprocesses", "--nonblocking"]
-                    + (["--gil"] if self.gil else [])
-                    + [
-                        "--format",
-                        "raw",
-                        "--nolineno",
-                        "--rate",
-                        str(self.rate),
-                        "--output",
-                        str(self._part(name, self.out.suffix)),
-                    ],
+                    self.command(binary, pid, self._part(name, self.out.suffix)),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     # a background job ignores SIGINT, and so would its children: py-spy
@@ -720,7 +726,9 @@ def run_real(
         window = tp.Window(tuple(workers.values()), {"scheduler": scheduler})
         sampler = ProcessSampler({**workers, "scheduler": scheduler}).start()
         spy = (
-            PySpy(workers, folder / "py-spy.txt", gil=opts.py_spy_gil).start()
+            PySpy(
+                workers, folder / "py-spy.txt", gil=opts.py_spy_gil, idle=opts.py_spy_idle
+            ).start()
             if opts.py_spy
             else None
         )
