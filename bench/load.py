@@ -84,6 +84,7 @@ from bench.shop_store import (  # noqa: E402
     write_config,
 )
 from bench.workload import TYPE_MIX, BenchRequest, document, type_counts  # noqa: E402
+from pipeline import archive  # noqa: E402
 from pipeline.bootstrap import App  # noqa: E402
 from pipeline.db import ExportRow  # noqa: E402
 from pipeline.intake import submit  # noqa: E402
@@ -575,22 +576,27 @@ def exports_report(app: App, url: str, access_ids: set[str]) -> dict[str, Any]:
             )
     finally:
         engine.dispose()
-    files: dict[str, list[str]] = {}
-    plain = []
+    exports = app.settings.exports_dir
+    missing, plain = [], []
     for rid in sorted(access_ids):
-        folder = app.settings.exports_dir / rid
-        files[rid] = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        archive = folder / "archive.zip.enc"
-        if archive.is_file() and archive.open("rb").read(2) == b"PK":
+        archive_file = archive.archive_path(exports, rid)
+        if not archive_file.is_file():
+            missing.append(rid)
+        elif archive_file.open("rb").read(2) == b"PK":
             plain.append(rid)
+    expected = {archive.archive_path(exports, rid) for rid in access_ids}
+    # anything else is left over: a part never assembled, a staging file
+    extra = sorted(
+        str(p.relative_to(exports))
+        for p in exports.rglob("*")
+        if p not in expected and (p.is_file() or p.name == "parts")
+    )
     return {
         "access_requests": len(access_ids),
         "export_rows": sum(rows.values()),
         "duplicate_export_rows": sorted(r for r, n in rows.items() if n > 1),
-        "without_archive": sorted(
-            r for r, names in files.items() if "archive.zip.enc" not in names
-        ),
-        "extra_files": {r: n for r, n in files.items() if n and n != ["archive.zip.enc"]},
+        "without_archive": missing,
+        "extra_files": extra,
         "unencrypted": plain,
     }
 

@@ -27,7 +27,7 @@ import redis
 import sqlalchemy as sa
 
 from connectors.allego.seed import DemoManifest, seed_demo_stores, sqlite_path
-from pipeline import contract, topology
+from pipeline import archive, contract, topology
 from pipeline.audit import verify_chain
 from pipeline.bootstrap import App
 from pipeline.db import AuditRow, RejectionRow
@@ -391,7 +391,7 @@ def test_no_identity_is_in_clear_in_the_state_database_redis_or_exports(stack: S
             assert needle not in blob, (key, needle)
     client.close()
     exports = list(stack.app.settings.exports_dir.rglob("*"))
-    assert any(p.name == "archive.zip.enc" for p in exports)
+    assert any(p.name == archive.ARCHIVE for p in exports)
     for path in exports:
         if path.is_file():
             data = path.read_bytes()

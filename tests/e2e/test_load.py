@@ -79,7 +79,7 @@ def test_a_paced_mixed_load_does_every_request_once_and_starves_none(
     assert exports["access_requests"] == kinds["access"] + 1  # the warm-up's one too
     assert exports["export_rows"] == exports["access_requests"]
     assert exports["duplicate_export_rows"] == []
-    assert exports["without_archive"] == [] and exports["extra_files"] == {}
+    assert exports["without_archive"] == [] and exports["extra_files"] == []
     assert exports["unencrypted"] == []
     effects = result["store"]["effects"]
     assert effects["erased"] == kinds["erase"] + 1
