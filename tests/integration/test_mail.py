@@ -3,18 +3,24 @@ subjects cannot carry headers, and mail really goes out over SMTP, once per even
 
 from __future__ import annotations
 
+import email.policy
+import io
 import socket
 import threading
 from datetime import timedelta
 from email import message_from_bytes, policy
+from email.generator import BytesGenerator
 from importlib import resources
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event, select
 from structlog.testing import capture_logs
 
 from pipeline import audit, handlers, notify, topology
+from pipeline import mail as mail_module
 from pipeline.db import AuditRow, NotificationRow, utcnow
 from pipeline.errors import MailUnavailable, UnknownRequest
 from pipeline.intake import accept
@@ -190,6 +196,40 @@ def test_a_non_ascii_subject_and_body_survive_the_wire_format():
     assert plain["Content-Transfer-Encoding"] == "quoted-printable"
     assert plain.get_content().replace("\r\n", "\n") == "Hallo Zoë, ß € ✓\n"
     assert html.get_content().strip() == "<p>Zoë ✓</p>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(
+        ["Subject", "To", "From", "Message-ID", "Content-Type", "X-Long-Header-Name"]
+    ),
+    value=st.one_of(
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=120),
+        st.text(max_size=90),
+    ),
+)
+def test_the_mail_policy_writes_every_header_as_the_classic_policy_does(name, value):
+    """Its short-cut for short ASCII headers changes nothing a mail says on the wire."""
+    assume("\r" not in value and "\n" not in value)
+    classic = email.policy.compat32.clone(linesep="\r\n")
+    assert mail_module._POLICY.fold_binary(name, value) == classic.fold_binary(name, value)
+
+
+def test_a_mail_is_written_out_as_the_classic_policy_writes_it():
+    mail = RenderedMail("Zoë’s export – ready", "Hallo Zoë,\n" + "x" * 200, "<p>Zoë ✓</p>")
+    message = Mailer(Settings()).build(EMAIL, mail, "<u@privacy.allego.example>")
+    out = io.BytesIO()
+    BytesGenerator(out, policy=email.policy.compat32.clone(linesep="\r\n")).flatten(message)
+    assert mail_module.flatten(message) == out.getvalue()
+
+
+def test_a_recipient_address_beyond_ascii_goes_out_with_smtputf8(sink):
+    mailer = Mailer(Settings(smtp_host=sink.host, smtp_port=sink.port, smtp_timeout=10))
+    mail = Templates().render("verification_expired", CONTEXTS["verification_expired"])
+    mailer.send(mailer.build("zoë@exämple.org", mail, "<u8@privacy.allego.example>"))
+    (received,) = sink.messages()
+    assert received["X-RcptTo"] == "zoë@exämple.org"
+    assert received["X-MailFrom"] == "privacy@allego.example"
 
 
 def closed_port() -> int:
