@@ -134,16 +134,37 @@ def _store_alone(app: App, item: _Valid) -> IntakeResult | Exception:
 
 def _commit(app: App, items: list[_Valid]) -> list[IntakeResult | Exception]:
     """The documents in one unit of work: each one's outcome, or the refusal of a reused
-    id (raised before it wrote anything)."""
+    id (raised before it wrote anything). The group's new requests are inserted in one
+    statement; what refers to them (transitions, audit entries, acknowledgements,
+    messages) follows."""
     results: list[IntakeResult | Exception] = []
     accepted: list[dict[str, Any]] = []
     with UnitOfWork(app) as uow:
         known = _Known.of(uow.session, items)
+        new: list[tuple[_Valid, RequestRow]] = []
         for item in items:
             try:
-                results.append(_add(app, uow, item, accepted, known))
+                outcome = _judge(app, item, known)
             except ConflictingRequest as exc:
                 results.append(exc)
+                continue
+            if isinstance(outcome, RequestRow):
+                new.append((item, outcome))
+                outcome = IntakeResult("accepted", item.doc.request_id)
+            results.append(outcome)
+        if new:
+            uow.session.add_all([request for _, request in new])
+            # the rows that refer to them go at the commit: the flush orders by mapper only
+            uow.session.flush()
+        for item, request in new:
+            _announce(app, uow, item, request)
+            accepted.append(
+                {
+                    "request_id": request.id,
+                    "type": request.type,
+                    "linked": bool(request.linked_to),
+                }
+            )
     _log_accepted(accepted)
     return results
 
@@ -184,18 +205,11 @@ class _Known:
             self.oldest_open[subject_hash] = (received_at, request_id)
 
 
-def _add(
-    app: App,
-    uow: UnitOfWork,
-    item: _Valid,
-    accepted: list[dict[str, Any]],
-    known: _Known,
-) -> IntakeResult:
-    """Store one document in the caller's unit of work: the request, its first
-    transition, the acknowledgement and the verify message; or find it stored before.
-    `accepted` collects what to log once the unit of work commits."""
+def _judge(app: App, item: _Valid, known: _Known) -> IntakeResult | RequestRow:
+    """A document against what is stored (and what its group stored before it): the
+    stored request again (a resubmission), a refusal of a reused id (raised), or the new
+    request's row, not yet added."""
     doc, fingerprint, verified_by, now = item.doc, item.fingerprint, item.verified_by, item.now
-    session = uow.session
     existing = known.fingerprints.get(doc.request_id)
     if existing is not None:
         if existing == fingerprint:
@@ -237,10 +251,15 @@ def _add(
         created_at=now,
         updated_at=now,
     )
-    session.add(request)
     known.fingerprints[request.id] = fingerprint
     known.opened(subject_hash, request.received_at, request.id)
-    session.flush()  # the rows that refer to it go at the commit: the flush orders by mapper only
+    return request
+
+
+def _announce(app: App, uow: UnitOfWork, item: _Valid, request: RequestRow) -> None:
+    """What follows a new request in its unit of work: its first transition, the audit
+    entry, the acknowledgement and the verify message."""
+    session = uow.session
     add_transition(
         session,
         {
@@ -248,7 +267,7 @@ def _add(
             "from_state": None,
             "to_state": State.RECEIVED.value,
             "reason": None,
-            "at": now,
+            "at": item.now,
         },
     )
     audit.record(
@@ -258,11 +277,12 @@ def _add(
         type=request.type,
         jurisdiction=request.jurisdiction,
         channel=request.channel,
-        subject_hash=subject_hash,
-        due_at=iso(due),
-        linked_to=linked,
-        verified_by=verified_by,
+        subject_hash=request.subject_hash,
+        due_at=iso(request.due_at),
+        linked_to=request.linked_to,
+        verified_by=request.verified_by,
     )
+    by_email = needs_verification(item.doc.type) and not request.verified_by
     notify_person(
         app,
         uow,
@@ -272,16 +292,14 @@ def _add(
         {
             "request_id": request.id,
             "type": request.type,
-            "due_at": iso(due),
+            "due_at": iso(request.due_at),
             "received_at": iso(request.received_at),
-            "verification": "email" if needs_verification(doc.type) and not verified_by else "none",
+            "verification": "email" if by_email else "none",
             "jurisdiction": request.jurisdiction,
         },
         new_request=True,
     )
     uow.send(f"{request.id}:verify", topology.VERIFY_ACTOR, topology.VERIFY_QUEUE, request.id)
-    accepted.append({"request_id": doc.request_id, "type": doc.type.value, "linked": bool(linked)})
-    return IntakeResult("accepted", doc.request_id)
 
 
 def reject(app: App, error: InvalidRequest, raw: Any) -> IntakeResult:

@@ -486,9 +486,12 @@ def test_a_shared_batch_locks_its_requests_once_and_commits_once(app):
         accept(app, presigned(app, "opt_out", f"r-{n}"))
     app.bus.queue.clear()
     statements: list[str] = []
+    inserts: list[str] = []
 
     def count(conn, cursor, statement, *rest):
         statements.append(statement.split()[0].upper())
+        if statement.upper().startswith("INSERT"):
+            inserts.append(statement.split()[2].strip('"').lower())
 
     event.listen(app.engine, "before_cursor_execute", count)
     try:
@@ -824,9 +827,12 @@ def test_documents_stored_as_a_group_share_one_transaction_and_one_verify_messag
     ]:
         items.append(_valid(app, doc))
     statements: list[str] = []
+    inserts: list[str] = []
 
     def count(conn, cursor, statement, *rest):
         statements.append(statement.split()[0].upper())
+        if statement.upper().startswith("INSERT"):
+            inserts.append(statement.split()[2].strip('"').lower())
 
     from sqlalchemy import event
 
@@ -848,6 +854,9 @@ def test_documents_stored_as_a_group_share_one_transaction_and_one_verify_messag
     # what is stored under the group's ids and its people's open requests: two reads for
     # the whole group, whatever its size (and the audit head)
     assert statements.count("SELECT") == 3
+    # the group's three new requests in one statement, and so each table it writes
+    assert inserts.count("requests") == 1
+    assert len(inserts) == len(set(inserts)), inserts
     (verify,) = [e for e in app.bus.queue if e.actor == topology.VERIFY_ACTOR]
     assert verify.args == (["r-0", "r-1", "r-2"],)
     assert [request_row(app, f"r-{n}").state for n in range(3)] == ["received"] * 3
