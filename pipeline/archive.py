@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -49,6 +49,7 @@ RIGHTS = (
 
 
 ARCHIVE = "archive.zip.enc"
+_T = TypeVar("_T")
 
 
 def archive_path(exports: Path, request_id: str) -> Path:
@@ -77,16 +78,18 @@ def _written_part(app: App, request_id: str, store: str) -> Path:
     return legacy if legacy.exists() else part
 
 
-def _replace_with(final: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write `final` under a temporary name beside it, then rename it into place."""
+def _replace_with(final: Path, write: Callable[[BinaryIO], _T]) -> _T:
+    """Write `final` under a temporary name beside it, then rename it into place;
+    returns what `write` returned."""
     staging = final.with_name(f".{uuid.uuid4().hex}.tmp")
     try:
         with staging.open("wb") as dest:
-            write(dest)
+            written = write(dest)
         os.replace(staging, final)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+    return written
 
 
 def write_part(app: App, request_id: str, export: StoreExport) -> dict[str, int]:
@@ -176,11 +179,9 @@ def assemble(
     generated = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     facts: dict[str, Any] = {}
     summary: list[dict[str, Any]] = []
-    written: list[_Hashing] = []
 
-    def write(dest: BinaryIO) -> None:
+    def write(dest: BinaryIO) -> _Hashing:
         hashing = _Hashing(dest)
-        written.append(hashing)
         writer = ring.writer(hashing)  # type: ignore[arg-type]
         with zipfile.ZipFile(writer, "w", compression=zipfile.ZIP_DEFLATED) as zf:  # type: ignore[arg-type]
             for store, part_file in parts.items():
@@ -250,10 +251,11 @@ def assemble(
                 ),
             )
         writer.close()
+        return hashing
 
-    _replace_with(final, write)
+    hashed = _replace_with(final, write)
     shutil.rmtree(final.with_name("parts"), ignore_errors=True)
-    return BuiltArchive(final, written[-1].size, written[-1].digest.hexdigest())
+    return BuiltArchive(final, hashed.size, hashed.digest.hexdigest())
 
 
 class _Hashing:
